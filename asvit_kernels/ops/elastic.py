@@ -1,0 +1,243 @@
+"""Elastic channel ops: a sub-network's linear and LayerNorm layers over channel ranges of a
+supernet's shared parameters, with no copy of the used weight block in either direction.
+
+Each op is a ``torch.library`` custom op (fake impl for ``torch.compile``, autograd through a
+backward custom op) whose body dispatches to the backend chosen by ``backends.pick``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..ranges import RangeLike, normalize_range, normalize_ranges, total_width
+from . import _validate
+
+Tensor = torch.Tensor
+
+
+# Backend modules are imported on first use, so TRITON_INTERPRET set after ``import asvit_kernels``
+# still counts and a missing Triton costs nothing until asked for.
+
+def _linear_impl(backend: str):
+    """(forward, backward) of the elastic linear layer for ``backend``."""
+    if backend == "triton":
+        from ..triton import elastic_linear as m
+        return m.forward, m.backward
+    from ..torch_backend import elastic as m
+    return m.linear_forward, m.linear_backward
+
+
+def _layer_norm_impl(backend: str):
+    """(forward, backward) of the elastic LayerNorm for ``backend``."""
+    if backend == "triton":
+        from ..triton import elastic_layer_norm as m
+        return m.forward, m.backward
+    if backend == "cuda":
+        from ..cuda_backend import elastic as m
+    else:
+        from ..torch_backend import elastic as m
+    return m.layer_norm_forward, m.layer_norm_backward
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    """View as (rows, width) with unit column stride (copies only an activation, and only if needed)."""
+    t = t.reshape(-1, width)
+    return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
+
+
+def _flat(ranges) -> list[int]:
+    return [v for r in ranges for v in r]
+
+
+def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+
+
+# ----------------------------------------------------------------------------- elastic_linear
+
+@torch.library.custom_op("asvit::elastic_linear", mutates_args=())
+def _elastic_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_range: list[int],
+                       out_ranges: list[int], backend: str) -> Tensor:
+    out_r = _pairs(out_ranges)
+    forward, _ = _linear_impl(backend)
+    y = forward(_rows(x, x.shape[-1]), weight, bias, _pairs(in_range), out_r)
+    return y.reshape(*x.shape[:-1], total_width(out_r))
+
+
+@_elastic_linear_op.register_fake
+def _(x, weight, bias, in_range, out_ranges, backend):
+    return x.new_empty((*x.shape[:-1], total_width(_pairs(out_ranges))))
+
+
+@torch.library.custom_op("asvit::elastic_linear_backward", mutates_args=())
+def _elastic_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_range: list[int],
+                                out_ranges: list[int], backend: str, need_dx: bool, need_dw: bool,
+                                need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = _linear_impl(backend)
+    dx, dw, db = backward(_rows(dy, dy.shape[-1]), _rows(x, x.shape[-1]), weight, _pairs(in_range), _pairs(out_ranges),
+                    need_dx, need_dw, need_db)
+    empty = x.new_empty(0)
+    return (empty if dx is None else dx.reshape(x.shape), empty if dw is None else dw,
+            empty if db is None else db)
+
+
+@_elastic_linear_backward_op.register_fake
+def _(dy, x, weight, in_range, out_ranges, backend, need_dx, need_dw, need_db):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(weight) if need_dw else empty,
+            weight.new_empty(weight.shape[0]) if need_db else empty)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, in_range, out_ranges, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (in_range, out_ranges, backend)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and ctx.has_bias
+    dx, dw, db = _elastic_linear_backward_op(dy, x, weight, *ctx.args, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None, None)
+
+
+_elastic_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_range: RangeLike = None,
+                   out_range: RangeLike = None, *, backend: Optional[str] = None) -> Tensor:
+    """A linear layer over channel ranges of a shared weight, without copying the used block.
+
+    Args:
+        x: ``(..., in_width)``, float32/float16/bfloat16 (float64 on the torch backend).
+        weight: the full shared ``(C_out, C_in)`` weight, same device and dtype as ``x``.
+        bias: the full shared ``(C_out,)`` bias, or None.
+        in_range: ``(offset, width)`` over ``C_in`` (channels ``(offset + j) % C_in``), None = all.
+        out_range: one range over ``C_out``, or a sequence of non-overlapping ranges concatenated in
+            order (a qkv weight's q, k and v row blocks), None = all.
+        backend: None/"auto", "torch" or "triton" (see ``asvit_kernels.backends``).
+
+    Returns:
+        ``(..., out_width)``: ``F.linear(x, weight[out_idx][:, in_idx], bias[out_idx])``.
+    """
+    _validate.tensor(x, "x", min_ndim=1)
+    _validate.tensor(weight, "weight", ndim=2)
+    if bias is not None:
+        _validate.tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
+    _validate.same_device_dtype(x, "x", weight=weight, bias=bias)
+    C_out, C_in = weight.shape
+    in_r = normalize_range(in_range, C_in, "in_range")
+    out_r = normalize_ranges(out_range, C_out, "out_range")
+    if x.shape[-1] != in_r[1]:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the in_range width ({in_r[1]})")
+    impl = backends.pick("elastic_linear", x.device, backend, x.dtype)
+    return _elastic_linear_op(x, weight, bias, list(in_r), _flat(out_r), impl)
+
+
+# ----------------------------------------------------------------------------- elastic_layer_norm
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("asvit::elastic_layer_norm", mutates_args=())
+def _elastic_layer_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset: int, eps: float,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    forward, _ = _layer_norm_impl(backend)
+    y, mean, rstd = forward(_rows(x, x.shape[-1]), weight.contiguous(),
+                       None if bias is None else bias.contiguous(), offset, eps)
+    return y.reshape(x.shape), mean, rstd
+
+
+@_elastic_layer_norm_op.register_fake
+def _(x, weight, bias, offset, eps, backend):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stat = x.new_empty(rows, dtype=_stat_dtype(x))
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("asvit::elastic_layer_norm_backward", mutates_args=())
+def _elastic_layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mean: Tensor,
+                                    rstd: Tensor, offset: int, backend: str, need_dx: bool,
+                                    need_dwb: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = _layer_norm_impl(backend)
+    width = x.shape[-1]
+    dx, dw, db = backward(_rows(dy, width), _rows(x, width), weight.contiguous(), has_bias, mean, rstd, offset,
+                    need_dx, need_dwb)
+    empty = x.new_empty(0)
+    return (empty if dx is None else dx.reshape(x.shape), empty if dw is None else dw,
+            empty if db is None else db)
+
+
+@_elastic_layer_norm_backward_op.register_fake
+def _(dy, x, weight, has_bias, mean, rstd, offset, backend, need_dx, need_dwb):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(weight) if need_dwb else empty,
+            torch.empty_like(weight) if need_dwb and has_bias else empty)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, offset, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.args = (offset, backend)
+    ctx.has_bias = bias is not None
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    offset, backend = ctx.args
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = _elastic_layer_norm_backward_op(dy, x, weight, ctx.has_bias, mean, rstd, offset, backend,
+                                                 need_dx, need_dw or need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db and ctx.has_bias else None,
+            None, None, None)
+
+
+_elastic_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def _layer_norm_limits(width: int):
+    def limits(b: str) -> Optional[str]:
+        if b == "triton":
+            from ..triton.elastic_layer_norm import MAX_WIDTH
+            if width > MAX_WIDTH:
+                return f"the Triton LayerNorm keeps a row in registers: width {width} > {MAX_WIDTH}"
+        return None
+    return limits
+
+
+def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channel_range: RangeLike = None,
+                       eps: float = 1e-5, *, backend: Optional[str] = None) -> Tensor:
+    """LayerNorm over ``x``'s last dim with a channel range of a shared affine weight.
+
+    Args:
+        x: ``(..., width)``, float32/float16/bfloat16 (float64 on the torch backend).
+        weight: the full shared ``(C,)`` scale; bias: the full shared ``(C,)`` shift, or None.
+        channel_range: ``(offset, width)`` over ``C``; channel ``j`` of ``x`` uses
+            ``weight[(offset + j) % C]``. None = all ``C`` channels.
+        eps: added to the variance.
+        backend: None/"auto", "torch", "triton" or "cuda".
+
+    Returns:
+        ``(..., width)``, equal to ``F.layer_norm(x, (width,), weight[idx], bias[idx], eps)``.
+    """
+    _validate.tensor(x, "x", min_ndim=1)
+    _validate.tensor(weight, "weight", ndim=1)
+    if bias is not None:
+        _validate.tensor(bias, "bias", ndim=1)
+        if bias.shape != weight.shape:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has {tuple(weight.shape)}")
+    _validate.same_device_dtype(x, "x", weight=weight, bias=bias)
+    eps = _validate.finite_float(eps, "eps")
+    offset, width = normalize_range(channel_range, weight.shape[0], "channel_range")
+    if x.shape[-1] != width:
+        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the channel_range width ({width})")
+    impl = backends.pick("elastic_layer_norm", x.device, backend, x.dtype, _layer_norm_limits(width))
+    return _elastic_layer_norm_op(x, weight, bias, offset, eps, impl)[0]

@@ -1,0 +1,104 @@
+"""Channel ranges: which channels of a shared dimension a sub-network uses.
+
+A range is ``(offset, width)`` and means channels ``(offset + j) % size`` for ``j < width``:
+first-k sharing is ``(0, k)``, last-k ``(size - k, k)``, and cyclic sharing any offset, so a range
+may wrap past the end. ``None`` means the whole dimension. Every kernel serves a range either as
+one affine piece (no wrap) or through an index table; nothing here touches weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+Range = tuple[int, int]
+RangeLike = Optional[Union[Range, Sequence[Range]]]
+
+
+class Piece(NamedTuple):
+    """A contiguous run of a range: ``length`` channels from ``src`` land at position ``dst``."""
+
+    src: int
+    length: int
+    dst: int
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_single_range(r) -> bool:
+    return isinstance(r, Sequence) and len(r) == 2 and all(_is_int(v) for v in r)
+
+
+def normalize_range(channel_range, size: int, name: str = "channel_range") -> Range:
+    """Validate one range against a dimension of ``size`` channels; returns ``(offset % size, width)``."""
+    if channel_range is None:
+        return (0, size)
+    if not isinstance(channel_range, Sequence) or len(channel_range) != 2:
+        raise TypeError(f"{name} must be None or an (offset, width) pair of ints, got {channel_range!r}")
+    offset, width = channel_range
+    if not (_is_int(offset) and _is_int(width)):
+        raise TypeError(f"{name} must hold two ints (offset, width), got {channel_range!r}")
+    if offset < 0:
+        raise ValueError(f"{name}: offset must be >= 0, got {offset}")
+    if not 1 <= width <= size:
+        raise ValueError(f"{name}: width must be in [1, {size}] (the full size), got {width}")
+    return (offset % size, width)
+
+
+def normalize_ranges(ranges: RangeLike, size: int, name: str) -> tuple[Range, ...]:
+    """Validate one range or a sequence of ranges (concatenated in order) over ``size`` channels.
+
+    Ranges of a sequence may not share a channel: their gradients are written straight into one
+    full-size buffer, which needs every used channel to have exactly one writer.
+    """
+    if ranges is None or _is_single_range(ranges):
+        return (normalize_range(ranges, size, name),)
+    if not isinstance(ranges, Sequence) or len(ranges) == 0:
+        raise TypeError(f"{name} must be None, an (offset, width) pair or a non-empty sequence of pairs, "
+                        f"got {ranges!r}")
+    out = tuple(normalize_range(r, size, f"{name}[{i}]") for i, r in enumerate(ranges))
+    total = sum(w for _, w in out)
+    if total > size:
+        raise ValueError(f"{name}: the ranges use {total} channels in all, more than the {size} there are")
+    used = set()
+    for i, (o, w) in enumerate(out):
+        chans = {(o + j) % size for j in range(w)}
+        if used & chans:
+            raise ValueError(f"{name}[{i}] = {ranges[i]!r} overlaps an earlier range of {name}")
+        used |= chans
+    return out
+
+
+def pieces(channel_range: Range, size: int) -> list[Piece]:
+    """The one or two contiguous runs of a normalized range."""
+    offset, width = channel_range
+    first = min(width, size - offset)
+    runs = [Piece(offset, first, 0)]
+    if first < width:
+        runs.append(Piece(0, width - first, first))
+    return runs
+
+
+def concat_pieces(ranges: Sequence[Range], size: int) -> list[Piece]:
+    """Contiguous runs of concatenated ranges, with destinations in the concatenated order."""
+    runs, base = [], 0
+    for r in ranges:
+        runs += [Piece(p.src, p.length, base + p.dst) for p in pieces(r, size)]
+        base += r[1]
+    return runs
+
+
+def total_width(ranges: Sequence[Range]) -> int:
+    return sum(w for _, w in ranges)
+
+
+def channel_indices(channel_range: RangeLike, size: int, device=None) -> torch.Tensor:
+    """The int64 index tensor a range (or a sequence of ranges, concatenated) means."""
+    if not _is_int(size) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    rngs = normalize_ranges(channel_range, size, "channel_range")
+    parts = [(torch.arange(w, device=device) + o) % size for o, w in rngs]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

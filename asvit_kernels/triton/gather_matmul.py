@@ -1,0 +1,134 @@
+"""One matmul kernel for every product of an elastic linear layer.
+
+``C[cm(m), cn(n)] = sum_k A[m, k] * B[bk(k), bn(n)] (+ bias[bn(n)])`` where each of ``bk``, ``bn``,
+``cm``, ``cn`` is either the identity or a lookup in an int32 index table. With the shared weight as
+``B`` (forward, input gradient) or as ``C`` (weight gradient), a channel range that wraps, or several
+concatenated ranges, are read or written in place: no sliced copy of the weight is ever made.
+Non-wrapping ranges need no table at all: the caller offsets the base pointer instead, which keeps
+the loads affine (vectorizable).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_matmul_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr, rowsum_ptr,
+    bk_idx_ptr, bn_idx_ptr, cm_idx_ptr, cn_idx_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, HAS_ROWSUM: tl.constexpr,
+    GATHER_BK: tl.constexpr, GATHER_BN: tl.constexpr, GATHER_CM: tl.constexpr, GATHER_CN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: neighbouring programs share B tiles in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if GATHER_BN:
+        bn = tl.load(bn_idx_ptr + offs_n, mask=mask_n, other=0)
+    else:
+        bn = offs_n
+    rows_a = offs_m.to(tl.int64) * stride_am
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if GATHER_BK:
+            bk = tl.load(bk_idx_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            bk = offs_k
+        a = tl.load(a_ptr + rows_a[:, None] + offs_k[None, :].to(tl.int64) * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + bk[:, None].to(tl.int64) * stride_bk + bn[None, :].to(tl.int64) * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if HAS_ROWSUM:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATHER_CM:
+        cm = tl.load(cm_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        cm = offs_m.to(tl.int64)
+    if GATHER_CN:
+        cn = tl.load(cn_idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    else:
+        cn = offs_n.to(tl.int64)
+    tl.store(c_ptr + cm[:, None] * stride_cm + cn[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    # The row sums of A (the bias gradient, when A is dy^T) are complete in every column block;
+    # the first one writes them.
+    if HAS_ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + cm, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own TF32 switch, so "fp32" means the same thing as in F.linear.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _blocks(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning, because
+    token counts vary from call to call and each new shape would re-tune."""
+    if device.type == "cpu":  # interpreter: fewer, larger programs run faster
+        return 64, 64, 64, 4, 1
+    if M >= 128 and N >= 128:
+        return 128, 128, 32, 8, 3
+    return 64, 64, 32, 4, 3
+
+
+def gather_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+                  bk_idx: Optional[torch.Tensor] = None, bn_idx: Optional[torch.Tensor] = None,
+                  cm_idx: Optional[torch.Tensor] = None, cn_idx: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, rowsum: Optional[torch.Tensor] = None,
+                  n: Optional[int] = None, k: Optional[int] = None) -> torch.Tensor:
+    """Write ``a @ b[bk, bn] (+ bias[bn])`` into ``c[cm, cn]``; optionally ``rowsum[cm] = a.sum(1)``.
+
+    ``a`` is ``(M, K)`` (any strides); ``b`` is indexed as ``b[bk(k), bn(n)]`` and ``c`` as
+    ``c[cm(m), cn(n)]`` with the identity where no table is given. ``n``/``k`` give N and K when a
+    table does not imply them. Index tables are int32 on ``a``'s device.
+    """
+    M, K = a.shape
+    K = k if k is not None else (bk_idx.numel() if bk_idx is not None else K)
+    N = n if n is not None else (bn_idx.numel() if bn_idx is not None else b.shape[1])
+    if M == 0 or N == 0:
+        return c
+    BM, BN, BK, warps, stages = _blocks(M, N, K, a.device)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    dummy = c  # stands in for absent optional pointers; never dereferenced
+    _gather_matmul_kernel[grid](
+        a, b, bias if bias is not None else dummy, c, rowsum if rowsum is not None else dummy,
+        bk_idx if bk_idx is not None else dummy, bn_idx if bn_idx is not None else dummy,
+        cm_idx if cm_idx is not None else dummy, cn_idx if cn_idx is not None else dummy,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, HAS_ROWSUM=rowsum is not None,
+        GATHER_BK=bk_idx is not None, GATHER_BN=bn_idx is not None,
+        GATHER_CM=cm_idx is not None, GATHER_CN=cn_idx is not None,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return c
