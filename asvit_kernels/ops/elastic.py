@@ -47,6 +47,11 @@ def _rows(t: Tensor, width: int) -> Tensor:
     return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
 
 
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None: a gradient not asked for comes back as a fresh empty tensor."""
+    return like.new_empty(0) if t is None else t
+
+
 def _flat(ranges) -> list[int]:
     return [v for r in ranges for v in r]
 
@@ -78,16 +83,14 @@ def _elastic_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_range:
     _, backward = _linear_impl(backend)
     dx, dw, db = backward(_rows(dy, dy.shape[-1]), _rows(x, x.shape[-1]), weight, _pairs(in_range), _pairs(out_ranges),
                     need_dx, need_dw, need_db)
-    empty = x.new_empty(0)
-    return (empty if dx is None else dx.reshape(x.shape), empty if dw is None else dw,
-            empty if db is None else db)
+    return _or_empty(dx if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
 
 
 @_elastic_linear_backward_op.register_fake
 def _(dy, x, weight, in_range, out_ranges, backend, need_dx, need_dw, need_db):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(weight) if need_dw else empty,
-            weight.new_empty(weight.shape[0]) if need_db else empty)
+    return (_or_empty(torch.empty_like(x) if need_dx else None, x),
+            _or_empty(torch.empty_like(weight) if need_dw else None, x),
+            _or_empty(weight.new_empty(weight.shape[0]) if need_db else None, x))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -170,16 +173,14 @@ def _elastic_layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, has_b
     width = x.shape[-1]
     dx, dw, db = backward(_rows(dy, width), _rows(x, width), weight.contiguous(), has_bias, mean, rstd, offset,
                     need_dx, need_dwb)
-    empty = x.new_empty(0)
-    return (empty if dx is None else dx.reshape(x.shape), empty if dw is None else dw,
-            empty if db is None else db)
+    return _or_empty(dx if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
 
 
 @_elastic_layer_norm_backward_op.register_fake
 def _(dy, x, weight, has_bias, mean, rstd, offset, backend, need_dx, need_dwb):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(weight) if need_dwb else empty,
-            torch.empty_like(weight) if need_dwb and has_bias else empty)
+    return (_or_empty(torch.empty_like(x) if need_dx else None, x),
+            _or_empty(torch.empty_like(weight) if need_dwb else None, x),
+            _or_empty(torch.empty_like(weight) if need_dwb and has_bias else None, x))
 
 
 def _ln_setup(ctx, inputs, output):

@@ -1,0 +1,169 @@
+"""Every backend of the elastic ops against the float64 reference: random shapes, random ranges of
+every kind (full, first-k, last-k, wrapped, width 1), forward and all gradients."""
+import random
+
+import pytest
+import torch
+
+import asvit_kernels as ak
+from asvit_kernels import reference
+from asvit_kernels.ranges import channel_indices
+
+from _util import TOL, cases, dtypes_for, rel_err
+
+KINDS = ["full", "first", "last", "wrapped", "one"]
+
+
+def make_range(kind: str, C: int, rng: random.Random):
+    w = rng.randint(2, C - 1)
+    return {"full": None, "first": (0, w), "last": (C - w, w),
+            "wrapped": (rng.randint(C - w + 1, C - 1), w), "one": (rng.randint(0, C - 1), 1)}[kind]
+
+
+def width(r, C):
+    return C if r is None else r[1]
+
+
+def leaf(t, dtype):
+    return t.detach().to(dtype).clone().requires_grad_()
+
+
+def check_grads(pairs, dtype, scales=None):
+    for name, got, want in pairs:
+        err = rel_err(got, want, (scales or {}).get(name, 1e-6))
+        assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def run_linear(device, backend, dtype, C_out, C_in, in_r, out_r, lead, has_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(*lead, width(in_r, C_in), generator=g, dtype=torch.float64)
+    w0 = torch.randn(C_out, C_in, generator=g, dtype=torch.float64) / C_in ** 0.5
+    b0 = torch.randn(C_out, generator=g, dtype=torch.float64) if has_bias else None
+    # The reference sees exactly the rounded inputs the kernel sees.
+    x0, w0 = x0.to(dtype).double(), w0.to(dtype).double()
+    b0 = None if b0 is None else b0.to(dtype).double()
+    x, w = leaf(x0.to(device), dtype), leaf(w0.to(device), dtype)
+    b = None if b0 is None else leaf(b0.to(device), dtype)
+    y = ak.elastic_linear(x, w, b, in_r, out_r, backend=backend)
+    dy0 = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    y.backward(dy0.to(device, dtype))
+
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    br = None if b0 is None else b0.clone().requires_grad_()
+    yr = reference.elastic_linear(xr, wr, br, in_r, out_r)
+    yr.backward(dy0)
+    assert y.dtype == dtype and y.device.type == device
+    pairs = [("y", y, yr), ("dx", x.grad, xr.grad), ("dweight", w.grad, wr.grad)]
+    if b is not None:
+        pairs.append(("dbias", b.grad, br.grad))
+    check_grads(pairs, dtype)
+    # Unused weight rows/columns get an exact zero gradient.
+    used = torch.zeros(C_out, C_in, dtype=torch.bool)
+    used[channel_indices(out_r, C_out)[:, None], channel_indices(in_r, C_in)[None, :]] = True
+    assert (w.grad.cpu()[~used] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_linear"))
+@pytest.mark.parametrize("in_kind", KINDS)
+@pytest.mark.parametrize("out_kind", KINDS)
+def test_elastic_linear_matches_reference(device, backend, in_kind, out_kind, poison):
+    rng = random.Random(hash((in_kind, out_kind)) % 10_000)
+    for dtype in dtypes_for(device, backend):
+        C_out, C_in = rng.randint(3, 150), rng.randint(3, 150)
+        lead = (rng.randint(1, 3), rng.randint(1, 70))
+        in_r, out_r = make_range(in_kind, C_in, rng), make_range(out_kind, C_out, rng)
+        run_linear(device, backend, dtype, C_out, C_in, in_r, out_r, lead, rng.random() < 0.7, rng.randint(0, 999))
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_linear"))
+def test_elastic_linear_concatenated_out_ranges(device, backend, poison):
+    """A qkv weight (3C, C) used by a sub-network with fewer channels: its q, k, v row blocks,
+    concatenated; the last range wraps past 3C."""
+    C = 48
+    out_r = [(4, 20), (C, 20), (3 * C - 4, 8)]
+    for dtype in dtypes_for(device, backend):
+        run_linear(device, backend, dtype, 3 * C, C, (40, 20), out_r, (2, 33), True, 7)
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_linear"))
+def test_elastic_linear_partial_grads_and_strided_input(device, backend, poison):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 30, generator=g).to(device)
+    b = torch.randn(40, generator=g).to(device)
+    x = torch.randn(25, 2, 20, generator=g).to(device).transpose(0, 1)  # non-contiguous rows
+    ref = reference.elastic_linear(x.double(), w.double(), b.double(), (25, 20), (35, 11))
+    # Only the input needs a gradient (a frozen supernet): no weight gradient is computed.
+    xg = x.clone().requires_grad_()
+    y = ak.elastic_linear(xg, w, b, (25, 20), (35, 11), backend=backend)
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    y.sum().backward()
+    xr = x.double().requires_grad_()
+    reference.elastic_linear(xr, w.double(), b.double(), (25, 20), (35, 11)).sum().backward()
+    assert rel_err(xg.grad, xr.grad) <= TOL[torch.float32]
+    # Only the bias trains.
+    bg = b.clone().requires_grad_()
+    ak.elastic_linear(x, w, bg, (25, 20), (35, 11), backend=backend).sum().backward()
+    expect = torch.zeros(40, dtype=torch.float64)
+    expect[channel_indices((35, 11), 40)] = 2 * 25
+    assert rel_err(bg.grad, expect) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_linear"))
+def test_elastic_linear_empty_batch(device, backend):
+    w = torch.randn(8, 6, device=device, requires_grad=True)
+    x = torch.randn(0, 4, device=device, requires_grad=True)
+    y = ak.elastic_linear(x, w, None, (4, 4), (6, 5), backend=backend)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert w.grad.abs().sum() == 0 and x.grad.shape == (0, 4)
+
+
+def run_layer_norm(device, backend, dtype, C, r, lead, has_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    # A large mean and spread: the variance must not come from E[x^2] - E[x]^2.
+    x0 = (torch.randn(*lead, width(r, C), generator=g, dtype=torch.float64) * 3 + 5).to(dtype).double()
+    w0 = (1 + torch.randn(C, generator=g, dtype=torch.float64)).to(dtype).double()
+    b0 = torch.randn(C, generator=g, dtype=torch.float64).to(dtype).double() if has_bias else None
+    x, w = leaf(x0.to(device), dtype), leaf(w0.to(device), dtype)
+    b = None if b0 is None else leaf(b0.to(device), dtype)
+    y = ak.elastic_layer_norm(x, w, b, r, 1e-5, backend=backend)
+    dy0 = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    y.backward(dy0.to(device, dtype))
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    br = None if b0 is None else b0.clone().requires_grad_()
+    reference.elastic_layer_norm(xr, wr, br, r, 1e-5).backward(dy0)
+    yr = reference.elastic_layer_norm(x0, w0, b0, r, 1e-5)
+    pairs = [("y", y, yr), ("dx", x.grad, xr.grad), ("dweight", w.grad, wr.grad)]
+    if b is not None:
+        pairs.append(("dbias", b.grad, br.grad))
+    # Widths 1 and 2 have dx == 0 (and width 1 dweight == 0) exactly; rounding leaves noise of the
+    # size of the terms that cancel, which is what those errors are measured against.
+    rstd = torch.rsqrt(x0.var(-1, correction=0, keepdim=True) + 1e-5)
+    check_grads(pairs, dtype, {"dx": (dy0 * rstd).norm().item(), "dweight": dy0.norm().item()})
+    unused = torch.ones(C, dtype=torch.bool)
+    unused[channel_indices(r, C)] = False
+    assert (w.grad.cpu()[unused] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_layer_norm"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_elastic_layer_norm_matches_reference(device, backend, kind, has_bias, poison):
+    rng = random.Random(hash((kind, has_bias)) % 10_000)
+    for dtype in dtypes_for(device, backend):
+        C = rng.randint(3, 300)
+        lead = (rng.randint(1, 3), rng.randint(1, 90))
+        run_layer_norm(device, backend, dtype, C, make_range(kind, C, rng), lead, has_bias, rng.randint(0, 999))
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_layer_norm"))
+@pytest.mark.parametrize("C", [1, 2, 1000, 4096])
+def test_elastic_layer_norm_widths(device, backend, C, poison):
+    r = None if C < 3 else (C // 3, C - 5)
+    run_layer_norm(device, backend, torch.float32, C, r, (3, 7), True, C)
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_layer_norm"))
+def test_elastic_layer_norm_many_rows(device, backend, poison):
+    """Enough rows that the backward splits its weight-gradient sums over several programs/blocks."""
+    run_layer_norm(device, backend, torch.float32, 64, (50, 40), (1500,), True, 11)
