@@ -102,3 +102,13 @@ def channel_indices(channel_range: RangeLike, size: int, device=None) -> torch.T
     rngs = normalize_ranges(channel_range, size, "channel_range")
     parts = [(torch.arange(w, device=device) + o) % size for o, w in rngs]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def cyclic_ranges(widths: Sequence[int], size: int) -> dict[int, Range]:
+    """ViTAS cyclic sharing: candidate width ``w_k`` (sorted ascending) uses ``(o_k, w_k)`` with
+    ``o_k = (w_1 + ... + w_{k-1}) % size``, so every channel serves a near-equal share of candidates."""
+    out, offset = {}, 0
+    for w in sorted(set(widths)):
+        out[w] = normalize_range((offset, w), size, f"width {w}")
+        offset = (offset + w) % size
+    return out
