@@ -51,7 +51,8 @@ def why_unavailable(name: str, device: torch.device) -> Optional[str]:
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
         if not _ext.cuda_device_available():
-            return "the CUDA extension is built but no CUDA device is visible to it"
+            return ("the CUDA extension is built but sees no CUDA device (no GPU, or a driver older than "
+                    "the toolkit it was built with needs: CUDA 13 needs driver >= 580)")
         return None
     raise ValueError(f"backend must be one of None, 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
 

@@ -17,15 +17,6 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline bool is_valid_dtype(int code) { return code >= 0 && code <= 2; }
 
-inline const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-  }
-  return "unknown";
-}
-
 template <typename T>
 constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 

@@ -54,8 +54,9 @@ struct LayerNormBwdArgs {
 // fp32 elements of workspace the backward needs for dweight/dbias (0 when rows == 0).
 int64_t elastic_layer_norm_bwd_workspace_numel(int64_t rows, int64_t width);
 
-// Launch on `stream`; return the first launch error (cudaSuccess when all launches succeeded).
-cudaError_t launch_elastic_layer_norm_fwd(const LayerNormFwdArgs& args, cudaStream_t stream);
-cudaError_t launch_elastic_layer_norm_bwd(const LayerNormBwdArgs& args, cudaStream_t stream);
+// Launch on `stream` (rows == 0: nothing). cudaGetLastError() is checked after every launch and a
+// failure is thrown as std::runtime_error carrying the CUDA error name and string.
+void launch_elastic_layer_norm_fwd(const LayerNormFwdArgs& args, cudaStream_t stream);
+void launch_elastic_layer_norm_bwd(const LayerNormBwdArgs& args, cudaStream_t stream);
 
 }  // namespace asvit

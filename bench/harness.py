@@ -1,0 +1,72 @@
+"""Shared benchmark harness: timing, machine description, result files.
+
+Timing uses ``torch.utils.benchmark.Timer.blocked_autorange``, which synchronises CUDA and picks the
+number of runs itself; we report its median. Results go to ``bench/results/<name>_<machine>.json``
+and a Markdown table beside it, with the machine named in both.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as tbench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(device: str) -> dict:
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_tag(info: dict) -> str:
+    name = info.get("gpu") or f"cpu{info['threads']}t"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def time_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
+    """Median milliseconds of ``fn()`` (warmed up once first)."""
+    fn()
+    m = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e3
+
+
+def write(name: str, info: dict, rows: list[dict], columns: list[str], notes: str = "") -> tuple[Path, Path]:
+    """Write ``rows`` as JSON and as a Markdown table; returns both paths."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{name}_{machine_tag(info)}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows, "notes": notes}, indent=2))
+    lines = [f"# {name} on {info.get('gpu') or 'CPU (' + str(info['threads']) + ' threads)'}", "",
+             f"torch {info['torch']}, triton {info['triton']}, {info['date']}. {notes}", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "" if v is None else str(v)
