@@ -6,6 +6,8 @@ this install has and why anything is missing.
 """
 from __future__ import annotations
 
+import torch
+
 from . import _ext, backends, nn, reference
 from ._version import __version__
 from .ops import elastic_layer_norm, elastic_linear
@@ -19,7 +21,6 @@ def build_info() -> dict:
     """What this install has: version, the CUDA extension and its build, the usable backends."""
     cfg = _ext.BUILD_CONFIG
     usable = ["torch"]
-    import torch
     if backends.why_unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None:
         usable.append("triton")
     if _ext.cuda_device_available():
