@@ -35,15 +35,18 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
                         mean: torch.Tensor, rstd: torch.Tensor, offset: int, need_dx: bool, need_dwb: bool):
     rows, width = x.shape
-    # The kernel always produces dx; it is cheap next to reading x and dy once.
-    dx = torch.empty_like(x)
+    # A null pointer skips that output (and the workspace when no weight gradient is asked for).
+    dx = torch.empty_like(x) if need_dx else None
     dw = torch.zeros_like(weight) if need_dwb else None
     db = torch.zeros_like(weight) if need_dwb and has_bias else None
-    ws = torch.empty(_ext.C.elastic_layer_norm_bwd_workspace_numel(rows, width), device=x.device,
-                     dtype=torch.float32)
+    ws = None
+    if need_dwb:
+        ws = torch.empty(_ext.C.elastic_layer_norm_bwd_workspace_numel(rows, width), device=x.device,
+                         dtype=torch.float32)
     with torch.cuda.device(x.device):
         _ext.C.elastic_layer_norm_bwd(
-            dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-            _ptr(dw), _ptr(db), ws.data_ptr(), rows, width, dy.stride(0), x.stride(0), dx.stride(0),
-            weight.shape[0], offset, _DTYPE_CODE[x.dtype], _stream(x.device))
-    return (dx if need_dx else None), dw, db
+            dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(dx),
+            _ptr(dw), _ptr(db), _ptr(ws), rows, width, dy.stride(0), x.stride(0),
+            width if dx is None else dx.stride(0), weight.shape[0], offset, _DTYPE_CODE[x.dtype],
+            _stream(x.device))
+    return dx, dw, db
