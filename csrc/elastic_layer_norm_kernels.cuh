@@ -126,6 +126,25 @@ ln_bwd_dx_kernel(const T* dy, const T* x, const T* weight, const float* mean, co
 }
 
 // ---- backward: dweight / dbias -------------------------------------------------------------------
+// Sums (aw, ab) over threadIdx.y for each column threadIdx.x, in a fixed order; thread row 0 ends up
+// holding the column totals. Every thread of the block must call it (it synchronises).
+template <int ROWS>
+__device__ __forceinline__ void sum_over_threads_y(float (&sw)[ROWS][kColTile + 1],
+                                                   float (&sb)[ROWS][kColTile + 1], float& aw,
+                                                   float& ab) {
+  sw[threadIdx.y][threadIdx.x] = aw;
+  sb[threadIdx.y][threadIdx.x] = ab;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    aw = ab = 0.f;
+#pragma unroll
+    for (int k = 0; k < ROWS; ++k) {
+      aw += sw[k][threadIdx.x];
+      ab += sb[k][threadIdx.x];
+    }
+  }
+}
+
 // Block (kColTile, kPartialRowThreads) sums dy * xhat and dy over the rows of chunk blockIdx.y for
 // 32 columns, and writes ws_w[chunk, j], ws_b[chunk, j].
 template <typename T>
@@ -150,18 +169,10 @@ ln_bwd_partial_kernel(const T* dy, const T* x, const float* mean, const float* r
       ab += d;
     }
   }
-  sw[threadIdx.y][threadIdx.x] = aw;
-  sb[threadIdx.y][threadIdx.x] = ab;
-  __syncthreads();
+  sum_over_threads_y<kPartialRowThreads>(sw, sb, aw, ab);
   if (threadIdx.y == 0 && j < width) {
-    float tw = 0.f, tb = 0.f;
-#pragma unroll
-    for (int k = 0; k < kPartialRowThreads; ++k) {
-      tw += sw[k][threadIdx.x];
-      tb += sb[k][threadIdx.x];
-    }
-    ws_w[chunk * width + j] = tw;
-    ws_b[chunk * width + j] = tb;
+    ws_w[chunk * width + j] = aw;
+    ws_b[chunk * width + j] = ab;
   }
 }
 
@@ -181,19 +192,11 @@ ln_bwd_reduce_kernel(const float* ws_w, const float* ws_b, T* dweight, T* dbias,
       ab += ws_b[c * width + j];
     }
   }
-  sw[threadIdx.y][threadIdx.x] = aw;
-  sb[threadIdx.y][threadIdx.x] = ab;
-  __syncthreads();
+  sum_over_threads_y<kReduceThreads>(sw, sb, aw, ab);
   if (threadIdx.y == 0 && j < width) {
-    float tw = 0.f, tb = 0.f;
-#pragma unroll
-    for (int k = 0; k < kReduceThreads; ++k) {
-      tw += sw[k][threadIdx.x];
-      tb += sb[k][threadIdx.x];
-    }
     const int64_t c = channel(static_cast<int>(j), offset, C);
-    if (dweight != nullptr) dweight[c] = from_float<T>(tw);
-    if (dbias != nullptr) dbias[c] = from_float<T>(tb);
+    if (dweight != nullptr) dweight[c] = from_float<T>(aw);
+    if (dbias != nullptr) dbias[c] = from_float<T>(ab);
   }
 }
 
