@@ -10,10 +10,12 @@ import torch
 
 from . import _ext, backends, nn, reference
 from ._version import __version__
-from .ops import elastic_layer_norm, elastic_linear
+from .ops import (attention, cu_seqlens_from_lengths, elastic_layer_norm, elastic_linear, pack, unpack,
+                  varlen_attention)
 from .ranges import channel_indices
 
 __all__ = ["__version__", "build_info", "channel_indices", "elastic_linear", "elastic_layer_norm",
+           "varlen_attention", "attention", "pack", "unpack", "cu_seqlens_from_lengths",
            "backends", "nn", "reference"]
 
 

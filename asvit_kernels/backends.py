@@ -20,6 +20,7 @@ BACKENDS = ("torch", "triton", "cuda")
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "elastic_linear": ("torch", "triton"),
     "elastic_layer_norm": ("torch", "triton", "cuda"),
+    "varlen_attention": ("torch", "triton", "cuda"),
 }
 
 

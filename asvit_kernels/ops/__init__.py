@@ -1,4 +1,7 @@
 """The public ops: validation, backend dispatch, torch.library registration, autograd."""
+from .attention import attention, varlen_attention
 from .elastic import elastic_layer_norm, elastic_linear
+from .packing import cu_seqlens_from_lengths, pack, unpack
 
-__all__ = ["elastic_linear", "elastic_layer_norm"]
+__all__ = ["elastic_linear", "elastic_layer_norm", "varlen_attention", "attention", "pack", "unpack",
+           "cu_seqlens_from_lengths"]

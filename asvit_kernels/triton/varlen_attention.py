@@ -1,0 +1,238 @@
+"""Attention over packed variable-length sequences: forward, and a two-kernel backward (dk/dv per
+key tile, dq per query tile), deterministic, one launch each for the whole batch.
+
+Tiles run over *packed* rows, not per sequence: a tile of BLOCK_M consecutive query rows may hold
+several short sequences, and a block-diagonal mask inside the tile keeps them apart. A batch of
+49-token windows thus fills whole tiles instead of padding each window to a tile of its own. The key
+loop covers the union of the tile's sequences (cut at the causal frontier when causal).
+
+Masks: query row r of sequence b (rows qs..qe-1, keys ks..ke-1) may see key c iff ks <= c < ke and,
+when causal, c <= r + (ke - qe) (flash-attn's bottom-right alignment). A row that sees no key gets
+output 0 and lse -inf. Head dims up to 256 are padded to a power of two in registers only.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gather_matmul import _input_precision
+
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, CU_Q, CU_K, scale,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                total_q, D, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < total_q
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    b = tl.load(SEQ_Q + rows, mask=rmask, other=0)
+    qe = tl.load(CU_Q + b + 1, mask=rmask, other=0)
+    ks = tl.load(CU_K + b, mask=rmask, other=0)
+    ke = tl.load(CU_K + b + 1, mask=rmask, other=0)
+    # Last key each row may see (exclusive); the tile's key range is the union over its rows.
+    k_end = ke
+    if CAUSAL:
+        k_end = tl.minimum(ke, tl.maximum(rows + 1 + ke - qe, ks))
+    k_lo = tl.min(tl.where(rmask, ks, 2147483647), axis=0)
+    k_hi = tl.max(tl.where(rmask, k_end, 0), axis=0)
+
+    r64 = rows.to(tl.int64)
+    q = tl.load(Q + r64[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < k_hi
+        c64 = cols.to(tl.int64)
+        kt = tl.load(K + c64[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale
+        allowed = (cols[None, :] >= ks[:, None]) & (cols[None, :] < k_end[:, None]) & rmask[:, None]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(V + c64[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + r64[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + h.to(tl.int64) * total_q + r64, lse, mask=rmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, CU_Q, CU_K, scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_dot, stride_doh, stride_dqt, stride_dqh,
+                   total_q, D, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < total_q
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    b = tl.load(SEQ_Q + rows, mask=rmask, other=0)
+    qe = tl.load(CU_Q + b + 1, mask=rmask, other=0)
+    ks = tl.load(CU_K + b, mask=rmask, other=0)
+    ke = tl.load(CU_K + b + 1, mask=rmask, other=0)
+    k_end = ke
+    if CAUSAL:
+        k_end = tl.minimum(ke, tl.maximum(rows + 1 + ke - qe, ks))
+    k_lo = tl.min(tl.where(rmask, ks, 2147483647), axis=0)
+    k_hi = tl.max(tl.where(rmask, k_end, 0), axis=0)
+
+    r64 = rows.to(tl.int64)
+    qd_mask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + r64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + r64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + h.to(tl.int64) * total_q + r64, mask=rmask, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw no key: p = 0
+    delta = tl.load(DELTA + h.to(tl.int64) * total_q + r64, mask=rmask, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < k_hi
+        c64 = cols.to(tl.int64)
+        kd_mask = cmask[:, None] & dmask[None, :]
+        kt = tl.load(K + c64[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+        vt = tl.load(V + c64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale
+        allowed = (cols[None, :] >= ks[:, None]) & (cols[None, :] < k_end[:, None]) & rmask[:, None]
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+    tl.store(DQ + r64[:, None] * stride_dqt + h * stride_dqh + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=qd_mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_K, CU_Q, CU_K, scale,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     total_q, total_k, D, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                     PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < total_k
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    b = tl.load(SEQ_K + cols, mask=cmask, other=0)
+    qs = tl.load(CU_Q + b, mask=cmask, other=0)
+    qe = tl.load(CU_Q + b + 1, mask=cmask, other=0)
+    ke = tl.load(CU_K + b + 1, mask=cmask, other=0)
+    # First query row that may see each key; the tile's query range is the union over its keys.
+    q_start = qs
+    if CAUSAL:
+        q_start = tl.maximum(qs, cols - ke + qe)
+    q_lo = tl.min(tl.where(cmask, q_start, 2147483647), axis=0)
+    q_hi = tl.max(tl.where(cmask, qe, 0), axis=0)
+
+    c64 = cols.to(tl.int64)
+    kd_mask = cmask[:, None] & dmask[None, :]
+    kt = tl.load(K + c64[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+    vt = tl.load(V + c64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for g in range(GROUP):  # GQA: every query head sharing this kv head
+        h = hk * GROUP + g
+        for m0 in range(q_lo, q_hi, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < q_hi
+            r64 = rows.to(tl.int64)
+            qd_mask = rmask[:, None] & dmask[None, :]
+            q = tl.load(Q + r64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(DO + r64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=qd_mask, other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * total_q + r64, mask=rmask, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(DELTA + h.to(tl.int64) * total_q + r64, mask=rmask, other=0.0)
+            # Transposed scores: keys along dim 0, queries along dim 1.
+            st = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * scale
+            allowed = (rows[None, :] >= q_start[:, None]) & (rows[None, :] < qe[:, None]) & cmask[:, None]
+            pt = tl.where(allowed, tl.exp(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + c64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kd_mask)
+    tl.store(DV + c64[:, None] * stride_dvt + hk * stride_dvh + d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kd_mask)
+
+
+def _seq_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Sequence index of every packed row (int32), computed on the device without a host sync."""
+    rows = torch.arange(total, device=cu.device, dtype=torch.int32)
+    return torch.searchsorted(cu[1:], rows, right=True, out_int32=True)
+
+
+def _blocks(D: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps); fixed, since token counts change call to call."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if device.type == "cpu":
+        return 32, 32, block_d, 4
+    if block_d <= 64:
+        return 64, 64, block_d, 4
+    if block_d <= 128:
+        return 64, 32, block_d, 4
+    return 32, 32, block_d, 8
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool):
+    total_q, H, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(H, total_q, device=q.device, dtype=torch.float32)
+    if total_q == 0:
+        return out, lse
+    BM, BN, BD, warps = _blocks(D, q.device)
+    _fwd_kernel[(triton.cdiv(total_q, BM), H)](
+        q, k, v, out, lse, _seq_ids(cu_q, total_q), cu_q, cu_k, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        total_q, D, GROUP=H // k.shape[1], CAUSAL=causal, PRECISION=_input_precision(q.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps)
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool):
+    total_q, H, D = q.shape
+    total_k, H_kv = k.shape[0], k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if total_k == 0 and total_q == 0:
+        return dq, dk, dv
+    delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (H, total_q)
+    BM, BN, BD, warps = _blocks(D, q.device)
+    prec = _input_precision(q.dtype)
+    common = dict(GROUP=H // H_kv, CAUSAL=causal, PRECISION=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                  num_warps=warps)
+    if total_q:
+        _bwd_dq_kernel[(triton.cdiv(total_q, BM), H)](
+            q, k, v, dout, lse, delta, dq, _seq_ids(cu_q, total_q), cu_q, cu_k, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), total_q, D, **common)
+    if total_k:
+        _bwd_dkdv_kernel[(triton.cdiv(total_k, BN), H_kv)](
+            q, k, v, dout, lse, delta, dk, dv, _seq_ids(cu_k, total_k), cu_q, cu_k, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            total_q, total_k, D, **common)
+    return dq, dk, dv
