@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, backends, nn, reference
+from . import _ext, backends, compat, nn, reference
 from ._version import __version__
 from .ops import (attention, cu_seqlens_from_lengths, elastic_layer_norm, elastic_linear, pack, unpack,
                   varlen_attention)
@@ -16,7 +16,7 @@ from .ranges import channel_indices
 
 __all__ = ["__version__", "build_info", "channel_indices", "elastic_linear", "elastic_layer_norm",
            "varlen_attention", "attention", "pack", "unpack", "cu_seqlens_from_lengths",
-           "backends", "nn", "reference"]
+           "backends", "compat", "nn", "reference"]
 
 
 def build_info() -> dict:

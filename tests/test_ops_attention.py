@@ -1,0 +1,194 @@
+"""varlen_attention / attention on every backend against the float64 reference: random packed
+batches (lengths 0 and 1 included), head dims 8..256, causal or not, GQA, forward and gradients.
+
+Low-precision criterion (flash-attn's): a backend's error against float64 may be at most 2x
+(forward) / 3x (gradients) the error of the same computation done by PyTorch in that dtype."""
+import random
+
+import pytest
+import torch
+
+import asvit_kernels as ak
+from asvit_kernels import reference
+
+from _util import TOL, cases, dtypes_for, rel_err
+
+HEAD_DIMS = [8, 45, 64, 80, 160, 256]
+
+
+def random_lengths(rng: random.Random, n: int, hi: int) -> list[int]:
+    """n lengths in [0, hi] with a 0, a 1, and one of at least hi // 2 (so no gradient is all
+    rounding noise: a sequence of length <= 1 has dq == 0 exactly)."""
+    lens = [rng.randint(0, hi) for _ in range(n)]
+    slots = rng.sample(range(n), 3)
+    lens[slots[0]], lens[slots[1]], lens[slots[2]] = 0, 1, rng.randint(hi // 2, hi)
+    return lens
+
+
+def run(device, backend, dtype, lens_q, lens_k, H, H_kv, D, causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = ak.cu_seqlens_from_lengths(lens_q).to(device)
+    cu_k = None if lens_k is None else ak.cu_seqlens_from_lengths(lens_k).to(device)
+    tq, tk = sum(lens_q), sum(lens_q if lens_k is None else lens_k)
+    q0, k0, v0 = (torch.randn(n, h, D, generator=g, dtype=torch.float64).to(dtype).double()
+                  for n, h in ((tq, H), (tk, H_kv), (tk, H_kv)))
+    dy0 = torch.randn(tq, H, D, generator=g, dtype=torch.float64).to(dtype).double()
+    leaves = [t.detach().to(device, dtype).clone().requires_grad_() for t in (q0, k0, v0)]
+    out = ak.varlen_attention(*leaves, cu_q, cu_k, causal=causal, backend=backend)
+    out.backward(dy0.to(device, dtype))
+
+    def reference_in(dt):
+        ls = [t.detach().to(device, dt).clone().requires_grad_() for t in (q0, k0, v0)]
+        o = reference.varlen_attention(*ls, cu_q, cu_k, causal=causal)
+        o.backward(dy0.to(device, dt))
+        return [o] + [t.grad for t in ls]
+
+    exact = reference_in(torch.float64)
+    same = reference_in(dtype) if dtype != torch.float64 else None
+    got = [out] + [t.grad for t in leaves]
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        err = rel_err(got[i], exact[i])
+        bound = TOL[dtype]
+        if same is not None and dtype != torch.float32:
+            bound = (2 if name == "out" else 3) * max(rel_err(same[i], exact[i]), 1e-4)
+        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} ({dtype}, D={D}, causal={causal})"
+
+
+@pytest.mark.parametrize("device,backend", cases("varlen_attention"))
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_matches_reference(device, backend, D, causal, poison):
+    rng = random.Random(D * 2 + causal)
+    for dtype in dtypes_for(device, backend):
+        lens = random_lengths(rng, rng.randint(3, 6), 70)
+        run(device, backend, dtype, lens, None, 4, rng.choice([1, 2, 4]), D, causal, rng.randint(0, 999))
+
+
+@pytest.mark.parametrize("device,backend", cases("varlen_attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_lengths_differ(device, backend, causal, poison):
+    """len_q != len_k per sequence, including len_k = 0 (rows see nothing: output 0) and causal
+    with len_k < len_q (bottom-right aligned: early rows see nothing)."""
+    run(device, backend, torch.float32, [3, 7, 0, 2, 5, 4], [9, 2, 4, 0, 5, 1], 3, 1, 45, causal, 5)
+
+
+@pytest.mark.parametrize("device,backend", cases("varlen_attention"))
+def test_many_short_windows_share_tiles(device, backend, poison):
+    """49-token windows: several sequences per tile, kept apart by the in-tile mask."""
+    run(device, backend, torch.float32, [49] * 12, None, 2, 2, 32, False, 1)
+
+
+@pytest.mark.parametrize("device,backend", cases("varlen_attention"))
+def test_all_empty_and_single_sequence(device, backend):
+    q = torch.randn(0, 2, 8, device=device, requires_grad=True)
+    out = ak.varlen_attention(q, q, q, torch.tensor([0, 0, 0], dtype=torch.int32, device=device), backend=backend)
+    assert out.shape == (0, 2, 8)
+    run(device, backend, torch.float32, [1], None, 1, 1, 1, True, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_long_sequence_on_gpu(backend):
+    """A 65536-token sequence against the torch backend in fp32 on the GPU (1 head keeps the
+    torch backend's score matrix at 16 GiB)."""
+    if ak.backends.why_unavailable(backend, torch.device("cuda")):
+        pytest.skip(ak.backends.why_unavailable(backend, torch.device("cuda")))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(65536 + 3, 1, 64, device="cuda") for _ in range(3))
+    cu = torch.tensor([0, 65536, 65539], dtype=torch.int32, device="cuda")
+    got = ak.varlen_attention(q, k, v, cu, backend=backend)
+    want = ak.varlen_attention(q.double(), k.double(), v.double(), cu, backend="torch")
+    assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("device,backend", cases("varlen_attention"))
+def test_padded_attention(device, backend, poison):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 20, 16, generator=g).to(device) for _ in range(3))
+    lens = [20, 7, 0]
+    out = ak.attention(q, k, v, lens, causal=True, backend=backend)
+    ref = reference.attention(q.double(), k.double(), v.double(), lens, causal=True)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    assert (out[1, :, 7:] == 0).all() and (out[2] == 0).all()
+    full = ak.attention(q, k, v, backend=backend)
+    assert rel_err(full, torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())) \
+        <= TOL[torch.float32]
+
+
+def test_pack_unpack_round_trip_and_grads():
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    packed, cu, max_len = ak.pack(x, [5, 0, 2])
+    assert packed.shape == (7, 4) and cu.tolist() == [0, 5, 5, 7] and cu.dtype == torch.int32 and max_len == 5
+    back = ak.unpack(packed, cu, 5)
+    assert torch.equal(back[0], x[0]) and (back[1] == 0).all() and torch.equal(back[2, :2], x[2, :2])
+    back.sum().backward()
+    assert x.grad[0].eq(1).all() and x.grad[1].eq(0).all() and x.grad[2, 2:].eq(0).all()
+    with pytest.raises(ValueError, match="seq_lens"):
+        ak.pack(x, [6, 0, 0])
+    with pytest.raises(ValueError, match="seq_lens"):
+        ak.pack(x, [1, 2])
+    with pytest.raises(TypeError, match="seq_lens"):
+        ak.pack(x, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="max_len"):
+        ak.unpack(packed, cu, 3)
+
+
+Q = torch.randn(10, 4, 8)
+CU = torch.tensor([0, 4, 10], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(cu_seqlens_q=CU.float()), TypeError, "cu_seqlens_q must be int32"),
+    (dict(cu_seqlens_q=CU[None]), ValueError, "cu_seqlens_q must be 1-D"),
+    (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), ValueError, "start at 0"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, r"cu_seqlens_q\[-1\]"),
+    (dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)), ValueError, "same length"),
+    (dict(q=Q[0]), ValueError, "q must be 3-D"),
+    (dict(k=torch.randn(10, 4, 7)), ValueError, "k and v must have the same shape"),
+    (dict(k=torch.randn(10, 4, 7), v=torch.randn(10, 4, 7)), ValueError, "head dims differ"),
+    (dict(k=torch.randn(10, 3, 8), v=torch.randn(10, 3, 8)), ValueError, "multiple"),
+    (dict(q=torch.randn(10, 4, 0), k=torch.randn(10, 4, 0), v=torch.randn(10, 4, 0)), ValueError, "head dim"),
+    (dict(q=torch.randn(10, 1, 257), k=torch.randn(10, 1, 257), v=torch.randn(10, 1, 257)), ValueError, "head dim"),
+    (dict(q=Q.long(), k=Q.long(), v=Q.long()), TypeError, "q must be float"),
+    (dict(v=Q.double()), TypeError, "v is torch.float64"),
+    (dict(k=torch.randn(10, 4, 8, device="meta")), ValueError, "k is on meta"),
+    (dict(dropout_p=0.1), NotImplementedError, "dropout_p=0.1"),
+    (dict(causal=1), TypeError, "causal"),
+    (dict(max_seqlen_q=-2), TypeError, "max_seqlen_q"),
+])
+def test_bad_inputs_raise(kwargs, exc, msg):
+    args = dict(q=Q, k=Q, v=Q, cu_seqlens_q=CU)
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        ak.varlen_attention(**args)
+
+
+def test_compat_signature_and_unsupported_options():
+    from asvit_kernels.compat import flash_attn_varlen_func
+    out = flash_attn_varlen_func(Q, Q, Q, CU, CU, 6, 6, 0.0, None, True)
+    assert rel_err(out, reference.varlen_attention(Q.double(), Q.double(), Q.double(), CU, CU, causal=True)) \
+        <= TOL[torch.float32]
+    for kw in (dict(window_size=(4, 4)), dict(softcap=1.0), dict(alibi_slopes=torch.ones(4)),
+               dict(return_attn_probs=True), dict(block_table=CU)):
+        with pytest.raises(NotImplementedError, match=next(iter(kw))):
+            flash_attn_varlen_func(Q, Q, Q, CU, CU, 6, 6, **kw)
+
+
+def test_opcheck_and_fullgraph_compile():
+    q = torch.randn(10, 4, 8, requires_grad=True)
+    k, v = torch.randn(10, 2, 8, requires_grad=True), torch.randn(10, 2, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.asvit.varlen_attention.default, (q, k, v, CU, CU, 6, 6, 0.35, True, "torch"))
+
+    def block(x, cu):
+        return ak.varlen_attention(x, x, x, cu, cu, 6, 6, causal=False).sum(1)
+
+    torch._dynamo.reset()
+    fn = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(10, 4, 8, requires_grad=True)
+    y = fn(x, CU)
+    y.sum().backward()
+    xr = x.detach().double().requires_grad_()
+    reference.varlen_attention(xr, xr, xr, CU, CU).sum(1).sum().backward()
+    assert rel_err(y, reference.varlen_attention(xr, xr, xr, CU, CU).sum(1)) <= 10 * TOL[torch.float32]
+    assert rel_err(x.grad, xr.grad) <= 10 * TOL[torch.float32]
