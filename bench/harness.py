@@ -2,7 +2,8 @@
 
 Timing uses ``torch.utils.benchmark.Timer.blocked_autorange``, which synchronises CUDA and picks the
 number of runs itself; we report its median. Results go to ``bench/results/<name>_<machine>.json``
-and a Markdown table beside it, with the machine named in both.
+and a Markdown table beside it, with the machine named in both; ``plot_bars`` adds a PNG bar chart
+(matplotlib, when installed).
 """
 from __future__ import annotations
 
@@ -56,6 +57,46 @@ def write(name: str, info: dict, rows: list[dict], columns: list[str], notes: st
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def plot_bars(name: str, info: dict, rows: list[dict], group: str, series: str, metrics: list[str],
+              ylabel: str = "") -> Path | None:
+    """Grouped bar chart, one panel per metric: x = ``row[group]``, one bar per ``row[series]``.
+
+    Non-numeric cells (``"n/a"``, None) are left as gaps. Writes ``bench/results/<name>_<machine>.png``
+    and returns its path, or None when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 1.6 * len(groups) + 2), 3.2 * len(metrics)),
+                             squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for j, s in enumerate(names):
+            val = {r[group]: r.get(metric) for r in rows if r[series] == s}
+            xs = [i + (j - (len(names) - 1) / 2) * width for i, g in enumerate(groups)
+                  if isinstance(val.get(g), (int, float))]
+            ys = [val[g] for g in groups if isinstance(val.get(g), (int, float))]
+            ax.bar(xs, ys, width, label=s)
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set_title(metric, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=min(len(names), 4))
+    title = info.get("gpu") or f"CPU ({info['threads']} threads)"
+    fig.suptitle(f"{name} on {title}, torch {info['torch']}", fontsize=11)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}_{machine_tag(info)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -18,6 +20,7 @@
 #include "common.h"
 #include "elastic_layer_norm.h"
 #include "runtime_info.h"
+#include "varlen_attention.h"
 
 namespace py = pybind11;
 
@@ -176,6 +179,210 @@ void elastic_layer_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr
   launch_elastic_layer_norm_bwd(a, as_stream(stream));
 }
 
+
+// ---- variable-length attention ----------------------------------------------------------------
+constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+
+// Sizes shared by the forward and the backward.
+void check_varlen_sizes(const char* fn, int64_t batch, int64_t total_q, int64_t total_k, int64_t H,
+                        int64_t H_kv, int64_t D, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                        double scale) {
+  if (batch < 0 || batch >= kMaxInt32)
+    bad_arg(fn, "batch must be in [0, " + str(kMaxInt32 - 1) + "], got " + str(batch));
+  if (total_q < 0 || total_q > kMaxInt32)
+    bad_arg(fn, "total_q must be in [0, " + str(kMaxInt32) + "], got " + str(total_q));
+  if (total_k < 0 || total_k > kMaxInt32)
+    bad_arg(fn, "total_k must be in [0, " + str(kMaxInt32) + "], got " + str(total_k));
+  if (batch == 0 && (total_q != 0 || total_k != 0))
+    bad_arg(fn, "batch is 0 but total_q=" + str(total_q) + " and total_k=" + str(total_k) +
+                    " (both must be 0: no sequence owns those rows)");
+  if (H < 1 || H > kMaxInt32) bad_arg(fn, "H must be in [1, " + str(kMaxInt32) + "], got " + str(H));
+  if (H_kv < 1 || H_kv > H)
+    bad_arg(fn, "H_kv must be in [1, H] = [1, " + str(H) + "], got " + str(H_kv));
+  if (H % H_kv != 0)
+    bad_arg(fn, "H_kv must divide H (grouped-query attention), got H=" + str(H) + " and H_kv=" +
+                    str(H_kv));
+  if (D < 1 || D > kVarlenMaxHeadDim)
+    bad_arg(fn, "D must be in [1, " + str(kVarlenMaxHeadDim) + "], got " + str(D));
+  if (max_seqlen_q < 0 || max_seqlen_q > kMaxInt32)
+    bad_arg(fn, "max_seqlen_q must be in [0, " + str(kMaxInt32) + "], got " + str(max_seqlen_q));
+  if (max_seqlen_k < 0 || max_seqlen_k > kMaxInt32)
+    bad_arg(fn, "max_seqlen_k must be in [0, " + str(kMaxInt32) + "], got " + str(max_seqlen_k));
+  if (!std::isfinite(scale)) bad_arg(fn, "scale must be finite, got " + str(scale));
+}
+
+// Strides of a (tokens, heads, D) operand with a contiguous last dimension. Inputs accept any
+// stride >= 0; an output must not have two elements at the same address (checked with the usual
+// sufficient rule: sorted by stride, each dimension of size > 1 starts past the previous extent).
+void check_tensor_strides(const char* fn, const std::string& name, int64_t stride_t, int64_t stride_h,
+                          int64_t tokens, int64_t heads, int64_t D, bool output) {
+  if (stride_t < 0) bad_arg(fn, name + "_stride_t must be >= 0, got " + str(stride_t));
+  if (stride_h < 0) bad_arg(fn, name + "_stride_h must be >= 0, got " + str(stride_h));
+  if (!output) return;
+  struct Dim { int64_t stride, size; const char* what; };
+  std::array<Dim, 3> dims{{{1, D, "D"}, {stride_h, heads, "_stride_h"}, {stride_t, tokens, "_stride_t"}}};
+  std::stable_sort(dims.begin(), dims.end(),
+                   [](const Dim& a, const Dim& b) { return a.stride < b.stride; });
+  __int128 extent = 0;  // end of the span covered by the dimensions checked so far
+  for (const Dim& d : dims) {
+    if (d.size <= 1) continue;
+    if (d.stride == 0 || static_cast<__int128>(d.stride) < extent)
+      bad_arg(fn, name + d.what + " (" + str(d.stride) + ") makes elements of " + name +
+                      " overlap: a (" + str(tokens) + ", " + str(heads) + ", " + str(D) +
+                      ") output with strides (" + str(stride_t) + ", " + str(stride_h) + ", 1)");
+    extent = static_cast<__int128>(d.stride) * d.size;
+  }
+}
+
+void varlen_attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                          uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t batch,
+                          int64_t total_q, int64_t total_k, int64_t H, int64_t H_kv, int64_t D,
+                          int64_t q_stride_t, int64_t q_stride_h, int64_t k_stride_t,
+                          int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h,
+                          int64_t out_stride_t, int64_t out_stride_h, int64_t max_seqlen_q,
+                          int64_t max_seqlen_k, double scale, bool causal, int dtype,
+                          uintptr_t stream) {
+  const char* fn = "varlen_attention_fwd";
+  const DType dt = check_dtype(fn, dtype);
+  check_varlen_sizes(fn, batch, total_q, total_k, H, H_kv, D, max_seqlen_q, max_seqlen_k, scale);
+  const size_t es = element_size(dt);
+  check_ptr(fn, "q", q, es, total_q > 0);
+  check_ptr(fn, "k", k, es, total_k > 0);
+  check_ptr(fn, "v", v, es, total_k > 0);
+  check_ptr(fn, "out", out, es, total_q > 0);
+  check_ptr(fn, "lse", lse, 4, total_q > 0);
+  check_ptr(fn, "cu_seqlens_q", cu_seqlens_q, 4, batch > 0);
+  check_ptr(fn, "cu_seqlens_k", cu_seqlens_k, 4, batch > 0);
+  check_tensor_strides(fn, "q", q_stride_t, q_stride_h, total_q, H, D, false);
+  check_tensor_strides(fn, "k", k_stride_t, k_stride_h, total_k, H_kv, D, false);
+  check_tensor_strides(fn, "v", v_stride_t, v_stride_h, total_k, H_kv, D, false);
+  check_tensor_strides(fn, "out", out_stride_t, out_stride_h, total_q, H, D, true);
+  if (total_q == 0) return;
+  require_device();
+
+  VarlenAttnParams p{};
+  p.q = as_ptr<const void>(q);
+  p.k = as_ptr<const void>(k);
+  p.v = as_ptr<const void>(v);
+  p.out = as_ptr<void>(out);
+  p.lse = as_ptr<float>(lse);
+  p.cu_seqlens_q = as_ptr<const int32_t>(cu_seqlens_q);
+  p.cu_seqlens_k = as_ptr<const int32_t>(cu_seqlens_k);
+  p.batch = static_cast<int>(batch);
+  p.H = static_cast<int>(H);
+  p.H_kv = static_cast<int>(H_kv);
+  p.D = static_cast<int>(D);
+  p.total_q = total_q;
+  p.total_k = total_k;
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  p.q_st = q_stride_t;
+  p.q_sh = q_stride_h;
+  p.k_st = k_stride_t;
+  p.k_sh = k_stride_h;
+  p.v_st = v_stride_t;
+  p.v_sh = v_stride_h;
+  p.out_st = out_stride_t;
+  p.out_sh = out_stride_h;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dtype = dt;
+  py::gil_scoped_release no_gil;
+  launch_varlen_attention_fwd(p, as_stream(stream));
+}
+
+int64_t varlen_bwd_workspace_numel(int64_t H, int64_t total_q) {
+  const char* fn = "varlen_attention_bwd_workspace_numel";
+  if (H < 1 || H > kMaxInt32) bad_arg(fn, "H must be in [1, " + str(kMaxInt32) + "], got " + str(H));
+  if (total_q < 0 || total_q > kMaxInt32)
+    bad_arg(fn, "total_q must be in [0, " + str(kMaxInt32) + "], got " + str(total_q));
+  return varlen_attention_bwd_workspace_numel(H, total_q);
+}
+
+void varlen_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                          uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv,
+                          uintptr_t workspace, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
+                          int64_t batch, int64_t total_q, int64_t total_k, int64_t H, int64_t H_kv,
+                          int64_t D, int64_t dout_stride_t, int64_t dout_stride_h,
+                          int64_t q_stride_t, int64_t q_stride_h, int64_t k_stride_t,
+                          int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h,
+                          int64_t out_stride_t, int64_t out_stride_h, int64_t dq_stride_t,
+                          int64_t dq_stride_h, int64_t dk_stride_t, int64_t dk_stride_h,
+                          int64_t dv_stride_t, int64_t dv_stride_h, int64_t max_seqlen_q,
+                          int64_t max_seqlen_k, double scale, bool causal, int dtype,
+                          uintptr_t stream) {
+  const char* fn = "varlen_attention_bwd";
+  const DType dt = check_dtype(fn, dtype);
+  check_varlen_sizes(fn, batch, total_q, total_k, H, H_kv, D, max_seqlen_q, max_seqlen_k, scale);
+  const size_t es = element_size(dt);
+  const bool has_q = total_q > 0, has_k = total_k > 0;
+  check_ptr(fn, "dout", dout, es, has_q);
+  check_ptr(fn, "q", q, es, has_q);
+  check_ptr(fn, "k", k, es, has_k);
+  check_ptr(fn, "v", v, es, has_k);
+  check_ptr(fn, "out", out, es, has_q);
+  check_ptr(fn, "lse", lse, 4, has_q);
+  check_ptr(fn, "dq", dq, es, has_q);
+  check_ptr(fn, "dk", dk, es, has_k);
+  check_ptr(fn, "dv", dv, es, has_k);
+  check_ptr(fn, "workspace", workspace, 4, has_q);
+  check_ptr(fn, "cu_seqlens_q", cu_seqlens_q, 4, batch > 0);
+  check_ptr(fn, "cu_seqlens_k", cu_seqlens_k, 4, batch > 0);
+  check_tensor_strides(fn, "dout", dout_stride_t, dout_stride_h, total_q, H, D, false);
+  check_tensor_strides(fn, "q", q_stride_t, q_stride_h, total_q, H, D, false);
+  check_tensor_strides(fn, "k", k_stride_t, k_stride_h, total_k, H_kv, D, false);
+  check_tensor_strides(fn, "v", v_stride_t, v_stride_h, total_k, H_kv, D, false);
+  check_tensor_strides(fn, "out", out_stride_t, out_stride_h, total_q, H, D, false);
+  check_tensor_strides(fn, "dq", dq_stride_t, dq_stride_h, total_q, H, D, true);
+  check_tensor_strides(fn, "dk", dk_stride_t, dk_stride_h, total_k, H_kv, D, true);
+  check_tensor_strides(fn, "dv", dv_stride_t, dv_stride_h, total_k, H_kv, D, true);
+  if (total_q == 0 && total_k == 0) return;
+  require_device();
+
+  VarlenAttnParams p{};
+  p.dout = as_ptr<const void>(dout);
+  p.q = as_ptr<const void>(q);
+  p.k = as_ptr<const void>(k);
+  p.v = as_ptr<const void>(v);
+  p.out = as_ptr<void>(out);
+  p.lse = as_ptr<float>(lse);
+  p.dq = as_ptr<void>(dq);
+  p.dk = as_ptr<void>(dk);
+  p.dv = as_ptr<void>(dv);
+  p.delta = as_ptr<float>(workspace);
+  p.cu_seqlens_q = as_ptr<const int32_t>(cu_seqlens_q);
+  p.cu_seqlens_k = as_ptr<const int32_t>(cu_seqlens_k);
+  p.batch = static_cast<int>(batch);
+  p.H = static_cast<int>(H);
+  p.H_kv = static_cast<int>(H_kv);
+  p.D = static_cast<int>(D);
+  p.total_q = total_q;
+  p.total_k = total_k;
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  p.q_st = q_stride_t;
+  p.q_sh = q_stride_h;
+  p.k_st = k_stride_t;
+  p.k_sh = k_stride_h;
+  p.v_st = v_stride_t;
+  p.v_sh = v_stride_h;
+  p.out_st = out_stride_t;
+  p.out_sh = out_stride_h;
+  p.dout_st = dout_stride_t;
+  p.dout_sh = dout_stride_h;
+  p.dq_st = dq_stride_t;
+  p.dq_sh = dq_stride_h;
+  p.dk_st = dk_stride_t;
+  p.dk_sh = dk_stride_h;
+  p.dv_st = dv_stride_t;
+  p.dv_sh = dv_stride_h;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dtype = dt;
+  py::gil_scoped_release no_gil;
+  launch_varlen_attention_bwd(p, as_stream(stream));
+}
+
 }  // namespace
 }  // namespace asvit
 
@@ -215,4 +422,35 @@ PYBIND11_MODULE(_C, m) {
         "Backward of elastic_layer_norm_fwd from the saved fp32 mean/rstd. dx (skipped when 0); "
         "dweight/dbias are full (C,) vectors of which only the width used entries are written "
         "(skipped when 0; the caller zero-fills the rest). Deterministic: no atomics.");
+
+  m.def("varlen_attention_fwd", &varlen_attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("batch"), py::arg("total_q"), py::arg("total_k"), py::arg("H"), py::arg("H_kv"),
+        py::arg("D"), py::arg("q_stride_t"), py::arg("q_stride_h"), py::arg("k_stride_t"),
+        py::arg("k_stride_h"), py::arg("v_stride_t"), py::arg("v_stride_h"),
+        py::arg("out_stride_t"), py::arg("out_stride_h"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("scale"), py::arg("causal"), py::arg("dtype"),
+        py::arg("stream"),
+        "Packed (flash-attn varlen) attention forward. q, out: (total_q, H, D); k, v: (total_k, "
+        "H_kv, D), H a multiple of H_kv; strides in elements, last dim contiguous; cu_seqlens_*: "
+        "int32 (batch + 1,). causal: query i sees keys j <= i + len_k - len_q. Writes out and the "
+        "fp32 (H, total_q) contiguous lse (natural log; -inf and out = 0 for rows without keys). "
+        "max_seqlen_* bound the lengths and only size the grid.");
+  m.def("varlen_attention_bwd_workspace_numel", &varlen_bwd_workspace_numel, py::arg("H"),
+        py::arg("total_q"), "fp32 elements of workspace varlen_attention_bwd needs (H * total_q).");
+  m.def("varlen_attention_bwd", &varlen_attention_bwd, py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("workspace"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("batch"),
+        py::arg("total_q"), py::arg("total_k"), py::arg("H"), py::arg("H_kv"), py::arg("D"),
+        py::arg("dout_stride_t"), py::arg("dout_stride_h"), py::arg("q_stride_t"),
+        py::arg("q_stride_h"), py::arg("k_stride_t"), py::arg("k_stride_h"), py::arg("v_stride_t"),
+        py::arg("v_stride_h"), py::arg("out_stride_t"), py::arg("out_stride_h"),
+        py::arg("dq_stride_t"), py::arg("dq_stride_h"), py::arg("dk_stride_t"),
+        py::arg("dk_stride_h"), py::arg("dv_stride_t"), py::arg("dv_stride_h"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("causal"),
+        py::arg("dtype"), py::arg("stream"),
+        "Backward of varlen_attention_fwd from its out and lse: writes every element of dq "
+        "(total_q, H, D), dk and dv (total_k, H_kv, D; summed over the query heads of each GQA "
+        "group; 0 for keys no query attends). workspace: varlen_attention_bwd_workspace_numel(H, "
+        "total_q) fp32. Deterministic: no atomics.");
 }
