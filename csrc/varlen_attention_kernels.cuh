@@ -1,0 +1,506 @@
+// Variable-length (packed) attention device code (the launchers are in varlen_attention.cu).
+//
+// Flash-attention style: tiles of queries and keys are staged in shared memory as fp32, the score
+// tile lives in registers, and the softmax is computed online, so no (len_q x len_k) matrix ever
+// touches global memory. All arithmetic is fp32 FMA on shared-memory tiles.
+// TODO(perf): tensor cores (mma.sync / wmma on fp16/bf16 tiles) and cp.async double buffering are
+// the next optimisations; the tiling below already has the shape they need.
+//
+// Kernels (one block = 128 threads, grid = (tiles of a sequence, heads, batch); every grid
+// dimension is walked with a block-uniform grid-stride loop, so the result never depends on the
+// grid size, only the speed does):
+//   fwd   : a block owns kBM query rows of one (sequence, head) and streams the key/value tiles of
+//           kBN rows: S = Q K^T (registers), online softmax, O += P V. Writes out and lse.
+//   delta : one warp per (row, head): delta = sum_d dout * out, into the workspace.
+//   dq    : a block owns kBM query rows and streams the key tiles: recomputes P from lse,
+//           dS = P * (dO V^T - delta), dQ += dS K.
+//   dkdv  : a block owns kBN key rows of one kv head and streams the query tiles of every query
+//           head of its GQA group: dV += P^T dO, dK += dS^T Q. The group sum happens inside the
+//           block, so there are no atomics and the backward is run-to-run deterministic.
+//
+// Head dimension: kernels are instantiated for a padded width kD in {32, 64, 128, 256}; the real
+// D (1..kD) bounds every global load and store, and the padding columns of the shared tiles are
+// zero, so memory never needs padding.
+#pragma once
+
+#include <cstdint>
+
+#include "device_utils.cuh"
+#include "varlen_attention.h"
+
+namespace asvit {
+namespace va {
+
+constexpr int kThreads = 128;  // threads per block of every kernel
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// Tile shapes per padded head dim. fwd: kBM queries x kBN keys; dq: kBM queries x kBN keys;
+// dkdv: kBN keys x kBM queries. Chosen so that every kernel needs at most 64 KiB of shared memory
+// (the opt-in limit of sm_75; more than 48 KiB is requested with cudaFuncSetAttribute) and at most
+// 64 fp32 accumulators per thread.
+template <int kD> struct TileCfg;
+template <> struct TileCfg<32> {
+  static constexpr int kFwdBM = 64, kFwdBN = 64, kDqBM = 64, kDqBN = 32, kKvBN = 64, kKvBM = 32;
+};
+template <> struct TileCfg<64> {
+  static constexpr int kFwdBM = 64, kFwdBN = 64, kDqBM = 64, kDqBN = 16, kKvBN = 64, kKvBM = 16;
+};
+template <> struct TileCfg<128> {
+  static constexpr int kFwdBM = 64, kFwdBN = 32, kDqBM = 32, kDqBN = 16, kKvBN = 32, kKvBM = 16;
+};
+template <> struct TileCfg<256> {
+  static constexpr int kFwdBM = 32, kFwdBN = 16, kDqBM = 16, kDqBN = 8, kKvBN = 16, kKvBM = 8;
+};
+
+// Shared-memory floats of each kernel (tiles have rows of kD + 1 floats, or kB* + 1 for score
+// tiles: the odd row stride keeps the column-wise reads of the tile products bank-conflict free).
+template <int kD> constexpr int fwd_smem_floats() {
+  using C = TileCfg<kD>;
+  return (C::kFwdBM + C::kFwdBN) * (kD + 1) + C::kFwdBM * (C::kFwdBN + 1);
+}
+template <int kD> constexpr int dq_smem_floats() {
+  using C = TileCfg<kD>;
+  return 2 * (C::kDqBM + C::kDqBN) * (kD + 1) + C::kDqBM * (C::kDqBN + 1) + 2 * C::kDqBM;
+}
+template <int kD> constexpr int dkdv_smem_floats() {
+  using C = TileCfg<kD>;
+  return 2 * (C::kKvBN + C::kKvBM) * (kD + 1) + 2 * C::kKvBN * (C::kKvBM + 1) + 2 * C::kKvBM;
+}
+
+// ---- sequences -----------------------------------------------------------------------------------
+struct SeqBounds {
+  int64_t q0, k0;        // first row of the sequence in the packed tensors
+  int64_t len_q, len_k;
+  int64_t diag;          // len_k - len_q: with causal, query i sees keys j <= i + diag
+};
+
+__device__ __forceinline__ SeqBounds seq_bounds(const VarlenAttnParams& p, int b) {
+  SeqBounds s;
+  s.q0 = p.cu_seqlens_q[b];
+  s.k0 = p.cu_seqlens_k[b];
+  s.len_q = p.cu_seqlens_q[b + 1] - s.q0;
+  s.len_k = p.cu_seqlens_k[b + 1] - s.k0;
+  s.diag = s.len_k - s.len_q;
+  return s;
+}
+
+// Whether query row `i` may attend key `j` (both 0-based within the sequence).
+__device__ __forceinline__ bool allowed(const SeqBounds& s, bool causal, int64_t i, int64_t j) {
+  return i < s.len_q && j < s.len_k && (!causal || j <= i + s.diag);
+}
+
+// Exclusive end of the keys that query rows [m0, m0 + rows) may attend.
+__device__ __forceinline__ int64_t key_end(const SeqBounds& s, bool causal, int64_t m0, int64_t rows) {
+  if (!causal) return s.len_k;
+  const int64_t last_row = (m0 + rows < s.len_q ? m0 + rows : s.len_q) - 1;
+  const int64_t end = last_row + s.diag + 1;
+  return end < s.len_k ? end : s.len_k;
+}
+
+// ---- shared-memory tiles -------------------------------------------------------------------------
+// dst[r][c] (row stride kD + 1) = src[r * stride_t + c] as fp32 for r < rows_valid and c < D, else 0.
+template <int kRows, int kD, typename T>
+__device__ __forceinline__ void load_tile(float* dst, const T* src, int64_t stride_t,
+                                          int64_t rows_valid, int D) {
+  for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
+    const int r = idx / kD;
+    const int c = idx % kD;
+    float v = 0.f;
+    if (r < rows_valid && c < D) v = to_float(src[r * stride_t + c]);
+    dst[r * (kD + 1) + c] = v;
+  }
+}
+
+// dst[r] = scale * src[r] for r < rows_valid, else 0 (per-row lse / delta of a query tile).
+template <int kRows>
+__device__ __forceinline__ void load_rows(float* dst, const float* src, int64_t rows_valid, float scale) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads) dst[r] = r < rows_valid ? src[r] * scale : 0.f;
+}
+
+// ---- register tiles ------------------------------------------------------------------------------
+// A ROWS x COLS fp32 tile spread over the kThreads threads of a block: kTX threads across the
+// columns, kThreads / kTX down the rows. Thread t owns rows t / kTX + i * kTY and columns
+// t % kTX + j * kTX, so the kTX threads sharing a row are consecutive lanes of one warp.
+template <int ROWS, int COLS, int kTX>
+struct Frag {
+  static constexpr int kTY = kThreads / kTX;
+  static constexpr int RM = ROWS / kTY;
+  static constexpr int RN = COLS / kTX;
+  static_assert(kThreads % kTX == 0 && kTX <= kWarpSize, "kTX must divide the block, within a warp");
+  static_assert(ROWS % kTY == 0 && COLS % kTX == 0, "tile must be a multiple of the thread grid");
+
+  float v[RM][RN];
+
+  __device__ __forceinline__ static int row(int i) { return static_cast<int>(threadIdx.x) / kTX + i * kTY; }
+  __device__ __forceinline__ static int col(int j) { return static_cast<int>(threadIdx.x) % kTX + j * kTX; }
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+      for (int j = 0; j < RN; ++j) v[i][j] = 0.f;
+  }
+
+  // v += A B^T over k < kdim. A: ROWS x kdim (row stride lda), B: COLS x kdim (row stride ldb).
+  __device__ __forceinline__ void add_abt(const float* A, int lda, const float* B, int ldb, int kdim) {
+#pragma unroll 2
+    for (int k = 0; k < kdim; ++k) {
+      float a[RM], b[RN];
+#pragma unroll
+      for (int i = 0; i < RM; ++i) a[i] = A[row(i) * lda + k];
+#pragma unroll
+      for (int j = 0; j < RN; ++j) b[j] = B[col(j) * ldb + k];
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RN; ++j) v[i][j] = fmaf(a[i], b[j], v[i][j]);
+    }
+  }
+
+  // v += A B over k < KDIM. A: ROWS x KDIM (row stride lda), B: KDIM x COLS (row stride ldb).
+  template <int KDIM>
+  __device__ __forceinline__ void add_ab(const float* A, int lda, const float* B, int ldb) {
+#pragma unroll 4
+    for (int k = 0; k < KDIM; ++k) {
+      float a[RM], b[RN];
+#pragma unroll
+      for (int i = 0; i < RM; ++i) a[i] = A[row(i) * lda + k];
+#pragma unroll
+      for (int j = 0; j < RN; ++j) b[j] = B[k * ldb + col(j)];
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RN; ++j) v[i][j] = fmaf(a[i], b[j], v[i][j]);
+    }
+  }
+
+  // Tile to shared memory, row stride ld.
+  __device__ __forceinline__ void store_shared(float* dst, int ld) const {
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+      for (int j = 0; j < RN; ++j) dst[row(i) * ld + col(j)] = v[i][j];
+  }
+
+  // scale * tile to global rows dst[r * stride_t + c] for r < rows_valid and c < D.
+  template <typename T>
+  __device__ __forceinline__ void store_global(T* dst, int64_t stride_t, int64_t rows_valid, int D,
+                                               float scale) const {
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+      if (row(i) >= rows_valid) continue;
+#pragma unroll
+      for (int j = 0; j < RN; ++j)
+        if (col(j) < D) dst[row(i) * stride_t + col(j)] = from_float<T>(v[i][j] * scale);
+    }
+  }
+};
+
+// Max / sum over the 16 consecutive lanes that share a row of a kTX = 16 tile. Every lane of the
+// warp must call them; each half-warp gets its own result.
+__device__ __forceinline__ float row16_max(float x) {
+#pragma unroll
+  for (int m = 8; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
+  return x;
+}
+__device__ __forceinline__ float row16_sum(float x) {
+#pragma unroll
+  for (int m = 8; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+
+// ---- forward ---------------------------------------------------------------------------------------
+// One tile of kBM query rows [m0, m0 + kBM) of head h. Every thread of the block calls it.
+template <typename T, int kD>
+__device__ __forceinline__ void fwd_tile(const VarlenAttnParams& p, const SeqBounds& s, int h,
+                                         int64_t m0, float* smem) {
+  constexpr int kBM = TileCfg<kD>::kFwdBM, kBN = TileCfg<kD>::kFwdBN;
+  using SFrag = Frag<kBM, kBN, 16>;  // scores / probabilities
+  using OFrag = Frag<kBM, kD, 16>;   // output accumulator: same rows per thread as SFrag
+  float* Qs = smem;                  // kBM x (kD + 1)
+  float* KVs = Qs + kBM * (kD + 1);  // kBN x (kD + 1): the K tile, then the V tile
+  float* Ps = KVs + kBN * (kD + 1);  // kBM x (kBN + 1)
+
+  const int kvh = h / (p.H / p.H_kv);
+  const T* q = static_cast<const T*>(p.q) + (s.q0 + m0) * p.q_st + h * p.q_sh;
+  const T* k = static_cast<const T*>(p.k) + s.k0 * p.k_st + kvh * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + s.k0 * p.v_st + kvh * p.v_sh;
+  const int64_t rows = s.len_q - m0 < kBM ? s.len_q - m0 : kBM;
+  const float scale_log2 = p.scale * kLog2e;  // softmax in base 2: exp(x) = exp2(x * log2 e)
+
+  __syncthreads();  // the previous tile is done reading Qs
+  load_tile<kBM, kD>(Qs, q, p.q_st, rows, p.D);
+
+  float m_run[SFrag::RM], l_run[SFrag::RM];  // running max (base-2 units), per-thread partial sum
+#pragma unroll
+  for (int i = 0; i < SFrag::RM; ++i) {
+    m_run[i] = kNegInf;
+    l_run[i] = 0.f;
+  }
+  OFrag o;
+  o.zero();
+
+  const int64_t n_end = key_end(s, p.causal, m0, rows);
+  for (int64_t n0 = 0; n0 < n_end; n0 += kBN) {
+    __syncthreads();  // Qs is written; the previous iteration is done reading KVs and Ps
+    load_tile<kBN, kD>(KVs, k + n0 * p.k_st, p.k_st, s.len_k - n0, p.D);
+    __syncthreads();
+
+    SFrag sc;
+    sc.zero();
+    sc.add_abt(Qs, kD + 1, KVs, kD + 1, p.D);
+
+#pragma unroll
+    for (int i = 0; i < SFrag::RM; ++i) {
+      const int64_t qi = m0 + SFrag::row(i);
+      float mx = kNegInf;
+#pragma unroll
+      for (int j = 0; j < SFrag::RN; ++j) {
+        const float x = allowed(s, p.causal, qi, n0 + SFrag::col(j)) ? sc.v[i][j] * scale_log2 : kNegInf;
+        sc.v[i][j] = x;
+        mx = fmaxf(mx, x);
+      }
+      const float m_new = fmaxf(m_run[i], row16_max(mx));
+      const float m_use = m_new == kNegInf ? 0.f : m_new;  // no allowed key yet: keep p = 0, no NaN
+      const float alpha = exp2f(m_run[i] - m_use);
+      m_run[i] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < SFrag::RN; ++j) {
+        sc.v[i][j] = exp2f(sc.v[i][j] - m_use);
+        sum += sc.v[i][j];
+      }
+      l_run[i] = l_run[i] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < OFrag::RN; ++j) o.v[i][j] *= alpha;
+    }
+
+    __syncthreads();  // everyone is done reading the K tile
+    load_tile<kBN, kD>(KVs, v + n0 * p.v_st, p.v_st, s.len_k - n0, p.D);
+    sc.store_shared(Ps, kBN + 1);
+    __syncthreads();
+    o.template add_ab<kBN>(Ps, kBN + 1, KVs, kD + 1);
+  }
+
+  // out = O / l (0 for rows without any allowed key); lse = ln(sum exp S) = (m + log2 l) * ln 2.
+  T* out = static_cast<T*>(p.out) + (s.q0 + m0) * p.out_st + h * p.out_sh;
+  float* lse = p.lse + h * p.total_q + s.q0 + m0;
+#pragma unroll
+  for (int i = 0; i < SFrag::RM; ++i) {
+    const float l = row16_sum(l_run[i]);
+    const int r = SFrag::row(i);
+    if (r >= rows) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int j = 0; j < OFrag::RN; ++j)
+      if (OFrag::col(j) < p.D) out[r * p.out_st + OFrag::col(j)] = from_float<T>(o.v[i][j] * inv);
+    if (threadIdx.x % 16 == 0) lse[r] = l > 0.f ? (m_run[i] + log2f(l)) * kLn2 : kNegInf;
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) varlen_fwd_kernel(const VarlenAttnParams p) {
+  extern __shared__ float4 va_smem[];
+  float* smem = reinterpret_cast<float*>(va_smem);
+  constexpr int kBM = TileCfg<kD>::kFwdBM;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const SeqBounds s = seq_bounds(p, b);
+    for (int h = blockIdx.y; h < p.H; h += gridDim.y)
+      for (int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM; m0 < s.len_q;
+           m0 += static_cast<int64_t>(gridDim.x) * kBM)
+        fwd_tile<T, kD>(p, s, h, m0, smem);
+  }
+}
+
+// ---- backward: delta = rowsum(dout * out) ----------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(const VarlenAttnParams p) {
+  constexpr int kWarps = kThreads / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t n = p.total_q * p.H;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; w < n;
+       w += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t row = w / p.H;
+    const int h = static_cast<int>(w % p.H);
+    const T* dout = static_cast<const T*>(p.dout) + row * p.dout_st + h * p.dout_sh;
+    const T* out = static_cast<const T*>(p.out) + row * p.out_st + h * p.out_sh;
+    float acc = 0.f;
+    for (int d = lane; d < p.D; d += kWarpSize) acc += to_float(dout[d]) * to_float(out[d]);
+    acc = warp_sum(acc);
+    if (lane == 0) p.delta[h * p.total_q + row] = acc;
+  }
+}
+
+// ---- backward: dq ------------------------------------------------------------------------------------
+template <typename T, int kD>
+__device__ __forceinline__ void dq_tile(const VarlenAttnParams& p, const SeqBounds& s, int h,
+                                        int64_t m0, float* smem) {
+  constexpr int kBM = TileCfg<kD>::kDqBM, kBN = TileCfg<kD>::kDqBN;
+  using SFrag = Frag<kBM, kBN, (kBN < 16 ? kBN : 16)>;
+  using QFrag = Frag<kBM, kD, 16>;
+  float* Qs = smem;                      // kBM x (kD + 1)
+  float* dOs = Qs + kBM * (kD + 1);      // kBM x (kD + 1)
+  float* Ks = dOs + kBM * (kD + 1);      // kBN x (kD + 1)
+  float* Vs = Ks + kBN * (kD + 1);       // kBN x (kD + 1)
+  float* dSs = Vs + kBN * (kD + 1);      // kBM x (kBN + 1)
+  float* lse2 = dSs + kBM * (kBN + 1);   // kBM: lse in base-2 units
+  float* dlt = lse2 + kBM;               // kBM: delta
+
+  const int kvh = h / (p.H / p.H_kv);
+  const int64_t row0 = s.q0 + m0;
+  const T* k = static_cast<const T*>(p.k) + s.k0 * p.k_st + kvh * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + s.k0 * p.v_st + kvh * p.v_sh;
+  const int64_t rows = s.len_q - m0 < kBM ? s.len_q - m0 : kBM;
+  const float scale_log2 = p.scale * kLog2e;
+
+  __syncthreads();  // the previous tile is done with the shared tiles
+  load_tile<kBM, kD>(Qs, static_cast<const T*>(p.q) + row0 * p.q_st + h * p.q_sh, p.q_st, rows, p.D);
+  load_tile<kBM, kD>(dOs, static_cast<const T*>(p.dout) + row0 * p.dout_st + h * p.dout_sh,
+                     p.dout_st, rows, p.D);
+  load_rows<kBM>(lse2, p.lse + h * p.total_q + row0, rows, kLog2e);
+  load_rows<kBM>(dlt, p.delta + h * p.total_q + row0, rows, 1.f);
+
+  QFrag dq;
+  dq.zero();
+  const int64_t n_end = key_end(s, p.causal, m0, rows);
+  for (int64_t n0 = 0; n0 < n_end; n0 += kBN) {
+    __syncthreads();  // the previous iteration is done reading Ks and dSs
+    load_tile<kBN, kD>(Ks, k + n0 * p.k_st, p.k_st, s.len_k - n0, p.D);
+    load_tile<kBN, kD>(Vs, v + n0 * p.v_st, p.v_st, s.len_k - n0, p.D);
+    __syncthreads();
+
+    SFrag sc, dp;
+    sc.zero();
+    dp.zero();
+    sc.add_abt(Qs, kD + 1, Ks, kD + 1, p.D);
+    dp.add_abt(dOs, kD + 1, Vs, kD + 1, p.D);
+#pragma unroll
+    for (int i = 0; i < SFrag::RM; ++i) {
+      const int r = SFrag::row(i);
+#pragma unroll
+      for (int j = 0; j < SFrag::RN; ++j) {
+        float ds = 0.f;
+        if (allowed(s, p.causal, m0 + r, n0 + SFrag::col(j))) {
+          const float pr = exp2f(sc.v[i][j] * scale_log2 - lse2[r]);
+          ds = pr * (dp.v[i][j] - dlt[r]);
+        }
+        sc.v[i][j] = ds;
+      }
+    }
+    sc.store_shared(dSs, kBN + 1);
+    __syncthreads();
+    dq.template add_ab<kBN>(dSs, kBN + 1, Ks, kD + 1);
+  }
+  dq.store_global(static_cast<T*>(p.dq) + row0 * p.dq_st + h * p.dq_sh, p.dq_st, rows, p.D, p.scale);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) varlen_bwd_dq_kernel(const VarlenAttnParams p) {
+  extern __shared__ float4 va_smem[];
+  float* smem = reinterpret_cast<float*>(va_smem);
+  constexpr int kBM = TileCfg<kD>::kDqBM;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const SeqBounds s = seq_bounds(p, b);
+    for (int h = blockIdx.y; h < p.H; h += gridDim.y)
+      for (int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM; m0 < s.len_q;
+           m0 += static_cast<int64_t>(gridDim.x) * kBM)
+        dq_tile<T, kD>(p, s, h, m0, smem);
+  }
+}
+
+// ---- backward: dk, dv ----------------------------------------------------------------------------------
+// One tile of kBN key rows [n0, n0 + kBN) of kv head kvh; loops over the query heads of its group.
+template <typename T, int kD>
+__device__ __forceinline__ void dkdv_tile(const VarlenAttnParams& p, const SeqBounds& s, int kvh,
+                                          int64_t n0, float* smem) {
+  constexpr int kBN = TileCfg<kD>::kKvBN, kBM = TileCfg<kD>::kKvBM;
+  using STFrag = Frag<kBN, kBM, (kBM < 16 ? kBM : 16)>;  // transposed scores: keys x queries
+  using KFrag = Frag<kBN, kD, 16>;
+  float* Ks = smem;                       // kBN x (kD + 1)
+  float* Vs = Ks + kBN * (kD + 1);        // kBN x (kD + 1)
+  float* Qs = Vs + kBN * (kD + 1);        // kBM x (kD + 1)
+  float* dOs = Qs + kBM * (kD + 1);       // kBM x (kD + 1)
+  float* Pt = dOs + kBM * (kD + 1);       // kBN x (kBM + 1): P^T
+  float* dSt = Pt + kBN * (kBM + 1);      // kBN x (kBM + 1): dS^T
+  float* lse2 = dSt + kBN * (kBM + 1);    // kBM
+  float* dlt = lse2 + kBM;                // kBM
+
+  const int group = p.H / p.H_kv;
+  const int64_t keys = s.len_k - n0 < kBN ? s.len_k - n0 : kBN;
+  const float scale_log2 = p.scale * kLog2e;
+
+  __syncthreads();  // the previous tile is done with the shared tiles
+  load_tile<kBN, kD>(Ks, static_cast<const T*>(p.k) + (s.k0 + n0) * p.k_st + kvh * p.k_sh, p.k_st,
+                     keys, p.D);
+  load_tile<kBN, kD>(Vs, static_cast<const T*>(p.v) + (s.k0 + n0) * p.v_st + kvh * p.v_sh, p.v_st,
+                     keys, p.D);
+
+  KFrag dk, dv;
+  dk.zero();
+  dv.zero();
+  // With causal, key j is seen by queries i >= j - diag only.
+  int64_t m_begin = p.causal ? n0 - s.diag : 0;
+  if (m_begin < 0) m_begin = 0;
+  for (int g = 0; g < group; ++g) {
+    const int h = kvh * group + g;
+    for (int64_t m0 = m_begin; m0 < s.len_q; m0 += kBM) {
+      const int64_t row0 = s.q0 + m0;
+      const int64_t rows = s.len_q - m0 < kBM ? s.len_q - m0 : kBM;
+      __syncthreads();  // Ks/Vs are written; the previous iteration is done reading Qs, dOs, Pt, dSt
+      load_tile<kBM, kD>(Qs, static_cast<const T*>(p.q) + row0 * p.q_st + h * p.q_sh, p.q_st, rows, p.D);
+      load_tile<kBM, kD>(dOs, static_cast<const T*>(p.dout) + row0 * p.dout_st + h * p.dout_sh,
+                         p.dout_st, rows, p.D);
+      load_rows<kBM>(lse2, p.lse + h * p.total_q + row0, rows, kLog2e);
+      load_rows<kBM>(dlt, p.delta + h * p.total_q + row0, rows, 1.f);
+      __syncthreads();
+
+      STFrag st, dpt;
+      st.zero();
+      dpt.zero();
+      st.add_abt(Ks, kD + 1, Qs, kD + 1, p.D);   // S^T = K Q^T
+      dpt.add_abt(Vs, kD + 1, dOs, kD + 1, p.D); // dP^T = V dO^T
+#pragma unroll
+      for (int i = 0; i < STFrag::RM; ++i) {
+#pragma unroll
+        for (int j = 0; j < STFrag::RN; ++j) {
+          const int c = STFrag::col(j);  // query row within the tile
+          float pr = 0.f, ds = 0.f;
+          if (allowed(s, p.causal, m0 + c, n0 + STFrag::row(i))) {
+            pr = exp2f(st.v[i][j] * scale_log2 - lse2[c]);
+            ds = pr * (dpt.v[i][j] - dlt[c]);
+          }
+          st.v[i][j] = pr;
+          dpt.v[i][j] = ds;
+        }
+      }
+      st.store_shared(Pt, kBM + 1);
+      dpt.store_shared(dSt, kBM + 1);
+      __syncthreads();
+      dv.template add_ab<kBM>(Pt, kBM + 1, dOs, kD + 1);   // dV += P^T dO
+      dk.template add_ab<kBM>(dSt, kBM + 1, Qs, kD + 1);   // dK += dS^T Q
+    }
+  }
+  dk.store_global(static_cast<T*>(p.dk) + (s.k0 + n0) * p.dk_st + kvh * p.dk_sh, p.dk_st, keys, p.D,
+                  p.scale);
+  dv.store_global(static_cast<T*>(p.dv) + (s.k0 + n0) * p.dv_st + kvh * p.dv_sh, p.dv_st, keys, p.D,
+                  1.f);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) varlen_bwd_dkdv_kernel(const VarlenAttnParams p) {
+  extern __shared__ float4 va_smem[];
+  float* smem = reinterpret_cast<float*>(va_smem);
+  constexpr int kBN = TileCfg<kD>::kKvBN;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const SeqBounds s = seq_bounds(p, b);
+    for (int kvh = blockIdx.y; kvh < p.H_kv; kvh += gridDim.y)
+      for (int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN; n0 < s.len_k;
+           n0 += static_cast<int64_t>(gridDim.x) * kBN)
+        dkdv_tile<T, kD>(p, s, kvh, n0, smem);
+  }
+}
+
+}  // namespace va
+}  // namespace asvit
