@@ -3,8 +3,9 @@ import torch
 
 from asvit_kernels import backends
 
-# Relative-error bounds against a float64 reference, per compute dtype.
-TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# Relative-error bounds against a float64 reference, per compute dtype. fp32 allows for the
+# cancellation in long reductions (a bias gradient summing hundreds of signed rows).
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float = 1e-6) -> float:

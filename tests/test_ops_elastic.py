@@ -1,6 +1,7 @@
 """Every backend of the elastic ops against the float64 reference: random shapes, random ranges of
 every kind (full, first-k, last-k, wrapped, width 1), forward and all gradients."""
 import random
+import zlib
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def run_linear(device, backend, dtype, C_out, C_in, in_r, out_r, lead, has_bias,
 @pytest.mark.parametrize("in_kind", KINDS)
 @pytest.mark.parametrize("out_kind", KINDS)
 def test_elastic_linear_matches_reference(device, backend, in_kind, out_kind, poison):
-    rng = random.Random(hash((in_kind, out_kind)) % 10_000)
+    rng = random.Random(zlib.crc32(f"{in_kind}-{out_kind}".encode()))
     for dtype in dtypes_for(device, backend):
         C_out, C_in = rng.randint(3, 150), rng.randint(3, 150)
         lead = (rng.randint(1, 3), rng.randint(1, 70))
@@ -149,7 +150,7 @@ def run_layer_norm(device, backend, dtype, C, r, lead, has_bias, seed):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_elastic_layer_norm_matches_reference(device, backend, kind, has_bias, poison):
-    rng = random.Random(hash((kind, has_bias)) % 10_000)
+    rng = random.Random(zlib.crc32(f"{kind}-{has_bias}".encode()))
     for dtype in dtypes_for(device, backend):
         C = rng.randint(3, 300)
         lead = (rng.randint(1, 3), rng.randint(1, 90))
