@@ -42,7 +42,9 @@ def machine_tag(info: dict) -> str:
 def time_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median milliseconds of ``fn()`` (warmed up once first)."""
     fn()
-    m = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer defaults to one thread; time with all the threads torch would use, as machine() reports.
+    m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     return m.median * 1e3
 
 
@@ -63,8 +65,9 @@ def plot_bars(name: str, info: dict, rows: list[dict], group: str, series: str, 
               ylabel: str = "") -> Path | None:
     """Grouped bar chart, one panel per metric: x = ``row[group]``, one bar per ``row[series]``.
 
-    Non-numeric cells (``"n/a"``, None) are left as gaps. Writes ``bench/results/<name>_<machine>.png``
-    and returns its path, or None when matplotlib is not installed.
+    Non-numeric cells (``"n/a"``, None) are gaps; a series with no number at all is named under the
+    chart instead. Writes ``bench/results/<name>_<machine>.png`` and returns its path, or None when
+    matplotlib is not installed.
     """
     try:
         import matplotlib
@@ -72,26 +75,36 @@ def plot_bars(name: str, info: dict, rows: list[dict], group: str, series: str, 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
     groups = list(dict.fromkeys(r[group] for r in rows))
     names = list(dict.fromkeys(r[series] for r in rows))
-    width = 0.8 / len(names)
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 1.6 * len(groups) + 2), 3.2 * len(metrics)),
+    shown = [s for s in names if any(num(r.get(m)) for r in rows if r[series] == s for m in metrics)]
+    width = 0.8 / max(1, len(shown))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 1.8 * len(groups) + 2), 3.2 * len(metrics)),
                              squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
-        for j, s in enumerate(names):
+        for j, s in enumerate(shown):
             val = {r[group]: r.get(metric) for r in rows if r[series] == s}
-            xs = [i + (j - (len(names) - 1) / 2) * width for i, g in enumerate(groups)
-                  if isinstance(val.get(g), (int, float))]
-            ys = [val[g] for g in groups if isinstance(val.get(g), (int, float))]
-            ax.bar(xs, ys, width, label=s)
+            at = [i for i, g in enumerate(groups) if num(val.get(g))]
+            ax.bar([i + (j - (len(shown) - 1) / 2) * width for i in at], [val[groups[i]] for i in at], width,
+                   label=s, color=f"C{j}")
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
         ax.set_title(metric, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, ncol=min(len(names), 4))
+    handles = {}  # the first panel where a series has bars gives its legend entry
+    for ax in axes[:, 0]:
+        for h, lb in zip(*ax.get_legend_handles_labels()):
+            if len(h) and lb not in handles:
+                handles[lb] = h
+    fig.legend([handles[s] for s in shown], shown, loc="lower center", ncol=min(len(shown), 5), fontsize=8)
+    missing = [s for s in names if s not in shown]
     title = info.get("gpu") or f"CPU ({info['threads']} threads)"
-    fig.suptitle(f"{name} on {title}, torch {info['torch']}", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"{name} on {title}, torch {info['torch']}" + (f"\nno data: {', '.join(missing)}" if missing else ""),
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}_{machine_tag(info)}.png"
     fig.savefig(path, dpi=120)

@@ -22,6 +22,24 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of query tile ``pid_m``, the keys each may see ``[ks, k_end)``, and the tile's key loop
+    bounds ``[k_lo, k_hi)``: the union over its rows (its sequences, cut at the causal frontier)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < total_q
+    b = tl.load(SEQ_Q + rows, mask=rmask, other=0)
+    qe = tl.load(CU_Q + b + 1, mask=rmask, other=0)
+    ks = tl.load(CU_K + b, mask=rmask, other=0)
+    ke = tl.load(CU_K + b + 1, mask=rmask, other=0)
+    k_end = ke
+    if CAUSAL:
+        k_end = tl.minimum(ke, tl.maximum(rows + 1 + ke - qe, ks))
+    k_lo = tl.min(tl.where(rmask, ks, 2147483647), axis=0)
+    k_hi = tl.max(tl.where(rmask, k_end, 0), axis=0)
+    return rows, rmask, ks, k_end, k_lo, k_hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, CU_Q, CU_K, scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 total_q, D, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -29,20 +47,9 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, CU_Q, CU_K, scale,
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < total_q
+    rows, rmask, ks, k_end, k_lo, k_hi = _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    b = tl.load(SEQ_Q + rows, mask=rmask, other=0)
-    qe = tl.load(CU_Q + b + 1, mask=rmask, other=0)
-    ks = tl.load(CU_K + b, mask=rmask, other=0)
-    ke = tl.load(CU_K + b + 1, mask=rmask, other=0)
-    # Last key each row may see (exclusive); the tile's key range is the union over its rows.
-    k_end = ke
-    if CAUSAL:
-        k_end = tl.minimum(ke, tl.maximum(rows + 1 + ke - qe, ks))
-    k_lo = tl.min(tl.where(rmask, ks, 2147483647), axis=0)
-    k_hi = tl.max(tl.where(rmask, k_end, 0), axis=0)
 
     r64 = rows.to(tl.int64)
     q = tl.load(Q + r64[:, None] * stride_qt + h * stride_qh + d[None, :],
@@ -85,19 +92,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, CU_Q, CU_K, scale,
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < total_q
+    rows, rmask, ks, k_end, k_lo, k_hi = _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    b = tl.load(SEQ_Q + rows, mask=rmask, other=0)
-    qe = tl.load(CU_Q + b + 1, mask=rmask, other=0)
-    ks = tl.load(CU_K + b, mask=rmask, other=0)
-    ke = tl.load(CU_K + b + 1, mask=rmask, other=0)
-    k_end = ke
-    if CAUSAL:
-        k_end = tl.minimum(ke, tl.maximum(rows + 1 + ke - qe, ks))
-    k_lo = tl.min(tl.where(rmask, ks, 2147483647), axis=0)
-    k_hi = tl.max(tl.where(rmask, k_end, 0), axis=0)
 
     r64 = rows.to(tl.int64)
     qd_mask = rmask[:, None] & dmask[None, :]
