@@ -95,15 +95,18 @@ def _check_cu(cu, name: str, device: torch.device) -> Tensor:
     return cu
 
 
-def _check_cu_values(cu: Tensor, name: str, total: int) -> None:
-    """One host read: starts at 0, never decreases, ends at the token count."""
-    first, last = int(cu[0]), int(cu[-1])
+def _check_cu_values(cu: Tensor, name: str, total: int) -> int:
+    """One host read: starts at 0, never decreases, ends at the token count. Returns the longest
+    length, so a caller that had to read the values gets it for free."""
+    steps = cu[1:] - cu[:-1] if cu.numel() > 1 else cu.new_zeros(1)
+    first, last, low, longest = torch.stack([cu[0], cu[-1], steps.min(), steps.max()]).tolist()
     if first != 0:
         raise ValueError(f"{name} must start at 0, got {first}")
-    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+    if low < 0:
         raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
     if last != total:
         raise ValueError(f"{name}[-1] ({last}) must equal the number of tokens ({total})")
+    return longest
 
 
 def _check_max(v, name: str) -> int:
@@ -178,9 +181,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         max_k = max_q
     # Values need a host read: always on CPU, on GPU only when the lengths were not given anyway.
     if not torch.compiler.is_compiling() and (q.device.type == "cpu" or max_q < 0 or max_k < 0):
-        _check_cu_values(cu_q, "cu_seqlens_q", total_q)
-        if cu_seqlens_k is not None:
-            _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
+        longest_q = _check_cu_values(cu_q, "cu_seqlens_q", total_q)
+        longest_k = longest_q if cu_seqlens_k is None else _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
+        max_q, max_k = (longest_q if max_q < 0 else max_q), (longest_k if max_k < 0 else max_k)
     elif cu_seqlens_k is None and k.shape[0] != total_q and not torch.compiler.is_compiling():
         raise ValueError(f"cu_seqlens_k=None needs as many keys as queries, got {k.shape[0]} and {total_q}")
     impl = backends.pick("varlen_attention", q.device, backend, q.dtype, _head_dim_limits(D))
