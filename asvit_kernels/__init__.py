@@ -10,12 +10,14 @@ import torch
 
 from . import _ext, backends, compat, nn, reference
 from ._version import __version__
-from .ops import (attention, cu_seqlens_from_lengths, elastic_layer_norm, elastic_linear, pack, unpack,
+from .ops import (attention, circle_curve, cu_seqlens_from_lengths, elastic_layer_norm, elastic_linear,
+                  length_distortion, ntk, ntk_condition_number, pack, per_sample_grad_gram, unpack,
                   varlen_attention)
 from .ranges import channel_indices
 
 __all__ = ["__version__", "build_info", "channel_indices", "elastic_linear", "elastic_layer_norm",
            "varlen_attention", "attention", "pack", "unpack", "cu_seqlens_from_lengths",
+           "per_sample_grad_gram", "ntk", "ntk_condition_number", "circle_curve", "length_distortion",
            "backends", "compat", "nn", "reference"]
 
 

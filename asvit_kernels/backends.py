@@ -21,6 +21,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "elastic_linear": ("torch", "triton"),
     "elastic_layer_norm": ("torch", "triton", "cuda"),
     "varlen_attention": ("torch", "triton", "cuda"),
+    "per_sample_grad_gram": ("torch", "triton", "cuda"),
 }
 
 

@@ -1,0 +1,399 @@
+"""Training-free indicators in one pass: the per-sample-gradient Gram of a linear layer, the
+empirical NTK of a model from one forward and one backward, its condition number (As-ViT's kappa),
+and the length distortion L^E by forward-mode JVPs.
+
+``ntk`` fast path: forward hooks record each supported layer's input, one backward of
+``sum_i s_i`` gives the gradient at each layer's output, and since sample i's gradient at a layer
+depends on sample i alone, each layer's block of the NTK is a Gram of per-sample quantities
+(``per_sample_grad_gram`` for weight matrices) that never materialises a per-sample gradient vector.
+When that premise cannot be guaranteed, an exact fallback takes over (``torch.func`` vjp vmapped
+over the B one-hot cotangents, or the per-sample loop if vmap cannot batch the model).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backends
+from ..params import ParamSelector, select_parameters
+from . import _validate
+
+Tensor = torch.Tensor
+OutputFn = Optional[Callable[[nn.Module, Tensor], Tensor]]
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- per_sample_grad_gram
+
+
+def _gram_impl(backend: str):
+    if backend == "triton":
+        from ..triton.per_sample_grad_gram import per_sample_grad_gram as fn
+    elif backend == "cuda":
+        from ..cuda_backend.ntk import per_sample_grad_gram as fn
+    else:
+        from ..torch_backend.ntk import per_sample_grad_gram as fn
+    return fn
+
+
+@torch.library.custom_op("asvit::per_sample_grad_gram", mutates_args=())
+def _gram_op(a: Tensor, g: Tensor, backend: str) -> Tensor:
+    c = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return _gram_impl(backend)(c(a), c(g))
+
+
+@_gram_op.register_fake
+def _(a, g, backend):
+    dtype = torch.float64 if a.dtype == torch.float64 and backend == "torch" else torch.float32
+    return a.new_empty((a.shape[0], a.shape[0]), dtype=dtype)
+
+
+def per_sample_grad_gram(a: Tensor, g: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Gram of one linear layer's per-sample weight gradients, without materialising them.
+
+    Args:
+        a: layer inputs ``(B, T, D_in)`` (``(B, D_in)`` means T = 1).
+        g: gradients at the layer outputs ``(B, T, D_out)`` (or ``(B, D_out)``), same dtype/device.
+        backend: None/"auto", "torch", "triton" or "cuda".
+
+    Returns:
+        ``(B, B)``: entry (i, j) is ``<g_i^T a_i, g_j^T a_j>`` (Frobenius), accumulated in fp32
+        (float64 for float64 input on the torch backend). Not differentiable.
+    """
+    _validate.tensor(a, "a")
+    _validate.tensor(g, "g")
+    _validate.same_device_dtype(a, "a", g=g)
+    if a.dim() == 2 and g.dim() == 2:
+        a, g = a[:, None], g[:, None]
+    if a.dim() != 3 or g.dim() != 3:
+        raise ValueError(f"a and g must both be (B, T, D) or both (B, D), got {tuple(a.shape)} and {tuple(g.shape)}")
+    if a.shape[:2] != g.shape[:2]:
+        raise ValueError(f"a and g must share (B, T), got {tuple(a.shape[:2])} and {tuple(g.shape[:2])}")
+    if a.shape[0] == 0:
+        raise ValueError("a and g have an empty batch (B = 0)")
+    impl = backends.pick("per_sample_grad_gram", a.device, backend, a.dtype)
+    return _gram_op(a, g, impl)
+
+
+# ----------------------------------------------------------------------------- ntk
+
+
+class _Fallback(Exception):
+    """The fast path cannot guarantee the definition's answer for this model; says why."""
+
+
+def _outputs(model, x, output_fn):
+    out = model(x) if output_fn is None else output_fn(model, x)
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"output_fn must return a tensor with the batch ({x.shape[0]}) as its leading dim, got {shape}")
+    return out
+
+
+_SUPPORTED = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding)
+
+
+def _per_token(t: Tensor, B: int) -> Tensor:
+    """(B, ...) -> (B, T, D): every leading position after the batch is a token."""
+    return t.reshape(B, -1, t.shape[-1])
+
+
+class _LayerRecord:
+    """Inputs and outputs of every call of one supported layer during the forward."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.inputs, self.outputs = module, [], []
+
+    def hook(self, module, args, output):
+        self.inputs.append(args[0].detach())
+        self.outputs.append(output)
+
+
+def _layer_factors(rec: _LayerRecord, grads: list[Tensor], B: int) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
+    """For each parameter of the layer: (per-token input a, per-token output grad g) whose
+    per-sample product g^T a is that parameter's per-sample gradient, or (vector, None) when the
+    per-sample gradient is a (B, P) matrix directly. Several calls of one layer are concatenated
+    along the tokens (their per-sample gradients add)."""
+    m = rec.module
+    a_parts, g_parts = [], []
+    for x, g in zip(rec.inputs, grads):
+        if g is None:
+            continue
+        if x.shape[0] != B:
+            raise _Fallback(f"{type(m).__name__} is fed {tuple(x.shape)}, not the batch of {B} as leading dim")
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise _Fallback("Conv2d with groups, padding modes or string padding")
+            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)   # (B, Cin*k*k, L)
+            a_parts.append(cols.transpose(1, 2))
+            g_parts.append(g.flatten(2).transpose(1, 2))                          # (B, L, Cout)
+        elif isinstance(m, nn.LayerNorm):
+            if len(m.normalized_shape) != 1:
+                raise _Fallback("LayerNorm over more than the last dim")
+            xt = _per_token(x, B).to(g.dtype)
+            var, mean = torch.var_mean(xt, -1, correction=0, keepdim=True)
+            a_parts.append((xt - mean) * torch.rsqrt(var + m.eps))
+            g_parts.append(_per_token(g, B))
+        elif isinstance(m, nn.Embedding):
+            if m.max_norm is not None:
+                raise _Fallback("Embedding with max_norm")
+            a_parts.append(x.reshape(B, -1))
+            g_parts.append(_per_token(g, B))
+        else:  # Linear
+            a_parts.append(_per_token(x, B))
+            g_parts.append(_per_token(g, B))
+    if not g_parts:
+        return {}
+    a, g = torch.cat(a_parts, 1), torch.cat(g_parts, 1)
+    out = {}
+    if isinstance(m, nn.LayerNorm):
+        if m.weight is not None:
+            out["weight"] = ((g * a).sum(1), None)
+        if m.bias is not None:
+            out["bias"] = (g.sum(1), None)
+    elif isinstance(m, nn.Embedding):
+        out["weight"] = ("embedding", (a, g))
+    else:
+        out["weight"] = (a.to(g.dtype), g)
+        if m.bias is not None:
+            out["bias"] = (g.sum(1), None)
+    return out
+
+
+def _embedding_gram(idx: Tensor, g: Tensor, padding_idx: Optional[int]) -> Tensor:
+    """K_ij = sum over token pairs with equal ids of g_i[t] . g_j[t'] (rows of one embedding)."""
+    B, T = idx.shape
+    ids, G = idx.reshape(-1), g.reshape(B * T, -1)
+    same = ids[:, None] == ids[None, :]
+    if padding_idx is not None:
+        same &= (ids != padding_idx)[:, None]
+    return ((G @ G.T) * same).view(B, T, B, T).sum((1, 3))
+
+
+def _fast_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen: list[tuple[str, nn.Parameter]],
+              backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """(K, the forward's output) or _Fallback."""
+    B = x.shape[0]
+    wanted = {id(p) for _, p in chosen}
+    records, plain = [], {}
+    for mod_name, m in model.named_modules():
+        own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) in wanted]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise _Fallback("BatchNorm in training mode couples the samples")
+        if not own:
+            continue
+        if type(m) in _SUPPORTED:
+            records.append(_LayerRecord(m))
+            continue
+        for n, p in own:
+            if p.dim() == 0 or p.shape[0] != 1:
+                raise _Fallback(f"parameter {mod_name + '.' if mod_name else ''}{n} of {type(m).__name__} "
+                                f"is not broadcast over the batch (leading dim 1)")
+            plain[f"{mod_name}.{n}" if mod_name else n] = p
+    # A plain (1, ...) parameter is swapped for a (B, ...) copy, whose gradient is per sample.
+    per_sample = {name: p.detach().expand(B, *p.shape[1:]).clone().requires_grad_() for name, p in plain.items()}
+    handles = [r.module.register_forward_hook(r.hook) for r in records]
+    try:
+        out = _call_with(model, per_sample, lambda: _outputs(model, x, output_fn))
+    except RuntimeError as err:
+        if not per_sample:
+            raise
+        raise _Fallback(f"the model cannot run with per-sample copies of its plain parameters ({err})") from err
+    finally:
+        for h in handles:
+            h.remove()
+    s = out.reshape(B, -1).sum()
+    targets = [o for r in records for o in r.outputs] + list(per_sample.values())
+    grads = torch.autograd.grad(s, targets, allow_unused=True) if targets else []
+    K = torch.zeros(B, B, dtype=torch.float64, device=x.device)
+    k = 0
+    for r in records:
+        n_calls = len(r.outputs)
+        factors = _layer_factors(r, list(grads[k:k + n_calls]), B)
+        k += n_calls
+        for pname, (a, g) in factors.items():
+            if id(getattr(r.module, pname)) not in wanted:
+                continue
+            if isinstance(a, str):  # embedding rows
+                K += _embedding_gram(g[0], g[1], r.module.padding_idx).double()
+            elif g is None:
+                v = a.double()
+                K += v @ v.T
+            else:
+                K += per_sample_grad_gram(a, g, backend=backend).double()
+    for gp in grads[k:]:
+        if gp is not None:
+            v = gp.reshape(B, -1).double()
+            K += v @ v.T
+    return K, out.detach()
+
+
+def _call_with(model: nn.Module, replacements: dict[str, Tensor], fn: Callable[[], Tensor]) -> Tensor:
+    """Run ``fn`` with some parameters of ``model`` temporarily replaced by tensors (what
+    torch.func.functional_call does, for an arbitrary ``fn`` rather than ``model.forward``)."""
+    if not replacements:
+        return fn()
+    from torch.nn.utils.stateless import _reparametrize_module
+    with _reparametrize_module(model, replacements, strict=False):
+        return fn()
+
+
+def _samples_independent(model: nn.Module, x: Tensor, output_fn: OutputFn, out: Tensor) -> bool:
+    """Replace sample 0 by noise: every other sample's output must stay put (up to rounding)."""
+    if x.shape[0] < 2:
+        return True
+    x2 = x.clone()
+    x2[0] = torch.randn_like(x[0]) if x.is_floating_point() else x[1]
+    with torch.no_grad():
+        other = _outputs(model, x2, output_fn)[1:].double()
+    ref = out[1:].double()
+    return bool(((other - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1e-30)).item())
+
+
+def _exact_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen) -> tuple[Tensor, str]:
+    """The B per-sample gradients exactly, samples interacting or not: torch.func's vjp of
+    s = (s_1..s_B) vmapped over the B one-hot cotangents; if the model defeats vmap, one vjp per
+    sample (the As-ViT loop). Returns (K, which of the two ran)."""
+    names = [n for n, _ in chosen]
+    primals = tuple(p for _, p in chosen)
+    B = x.shape[0]
+
+    def s_of(*ps):
+        # Buffers are copied inside the transform: BatchNorm may update them in place.
+        state = {**dict(zip(names, ps)), **{n: b.clone() for n, b in model.named_buffers()}}
+        out = _call_with(model, state, lambda: _outputs(model, x, output_fn))
+        return out.reshape(B, -1).sum(1)
+
+    try:
+        _, vjp_fn = torch.func.vjp(s_of, *primals)
+        grads = torch.func.vmap(vjp_fn)(torch.eye(B, dtype=primals[0].dtype, device=x.device))
+        how = "vmap(vjp)"
+    except (RuntimeError, NotImplementedError):
+        from ..reference.ntk import ntk_loop
+        return ntk_loop(model, x, output_fn, lambda n, p: any(p is q for q in primals)), "per-sample loop"
+    J = torch.cat([g.reshape(B, -1).double() for g in grads], 1)
+    return J @ J.T, how
+
+
+def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: OutputFn = None,
+        params: ParamSelector = "all", backend: Optional[str] = None, return_info: bool = False):
+    """The empirical sum-of-outputs NTK: ``K_ij = sum_p ds_i/dp . ds_j/dp`` in float64, with
+    ``s_i = sum_c f(x)[i, c]`` and ``f = output_fn(model, x)`` (default ``model(x)``).
+
+    Paths (``return_info=True`` returns ``(K, info)`` with ``info["path"]`` and the reason; the
+    choice is also logged at INFO):
+      - ``"fast"``: one forward + one backward (+ one no-grad forward that checks the samples do not
+        interact). Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
+        ``nn.LayerNorm``, ``nn.Embedding`` fed ``(B, ...)``, or is a plain parameter broadcast over
+        the batch (leading dim 1: class token, position embedding).
+      - ``"exact"``: anything else (a layer fed ``(B * windows, ...)``, an unknown layer, BatchNorm
+        in training mode, samples that interact): per-sample vjps with ``torch.func``. Same answer,
+        more time and memory.
+
+    Args:
+        model: a module, or a list of same-architecture modules (R initialisations) -> ``(R, B, B)``.
+        x: the batch ``(B, ...)``, B >= 1.
+        params: "all", "weights" (names containing "weight", As-ViT/TENAS) or ``(name, p) -> bool``.
+        backend: the backend of ``per_sample_grad_gram``.
+    """
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise ValueError("model is an empty list")
+        res = [ntk(m, x, output_fn=output_fn, params=params, backend=backend, return_info=True) for m in model]
+        K = torch.stack([k for k, _ in res])
+        return (K, [i for _, i in res]) if return_info else K
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+    chosen = select_parameters(model, params)
+    info = {"path": "fast", "reason": None}
+    try:
+        K, out = _fast_ntk(model, x, output_fn, chosen, backend)
+        if not _samples_independent(model, x, output_fn, out):
+            raise _Fallback("the samples interact (changing sample 0 changes the other outputs)")
+    except _Fallback as why:
+        K, how = _exact_ntk(model, x, output_fn, chosen)
+        info = {"path": "exact", "method": how, "reason": str(why)}
+    log.info("ntk: %s path%s", info["path"], f" ({info['reason']})" if info["reason"] else "")
+    return (K, info) if return_info else K
+
+
+def ntk_condition_number(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, **kwargs) -> float:
+    """As-ViT's kappa: lambda_max / lambda_min of the NTK (``eigvalsh`` in float64); ``inf`` when
+    lambda_min <= 0 or the NTK is not finite (a degenerate network ranks worst, never NaN). With a
+    list of models, the mean over them. Keyword arguments as ``ntk``."""
+    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] < 2:
+        raise ValueError(f"the condition number needs a batch of at least 2 samples, got {x.shape[0]}")
+    K = ntk(model, x, **kwargs)
+    Ks = K if K.dim() == 3 else K[None]
+    kappas = []
+    for k in Ks:
+        if not torch.isfinite(k).all():
+            kappas.append(math.inf)
+            continue
+        ev = torch.linalg.eigvalsh(k.double())
+        kappas.append(math.inf if ev[0] <= 0 else (ev[-1] / ev[0]).item())
+    return sum(kappas) / len(kappas)
+
+
+# ----------------------------------------------------------------------------- length distortion
+
+
+def circle_curve(input_shape: Sequence[int], n_points: int = 10, *,
+                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """As-ViT's circle through input space: U = two orthonormal random directions,
+    ``t = linspace(0, 2 pi, n)``, points ``U [cos t, sin t]`` and tangents ``U [-sin t, cos t]``."""
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be non-empty with positive sizes, got {tuple(input_shape)}")
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1, got {n_points}")
+    n = math.prod(shape)
+    if n < 2:
+        raise ValueError("a circle needs an input of at least 2 elements")
+    U, _ = torch.linalg.qr(torch.randn(n, 2, generator=generator, dtype=torch.float64))
+    t = torch.linspace(0, 2 * math.pi, n_points, dtype=torch.float64)
+    points = (U @ torch.stack([t.cos(), t.sin()])).T.reshape(n_points, *shape)
+    tangents = (U @ torch.stack([-t.sin(), t.cos()])).T.reshape(n_points, *shape)
+    return points.float(), tangents.float()
+
+
+def _jvp_chunk(model, output_fn, pts, tans):
+    f = lambda z: _outputs(model, z, output_fn)  # noqa: E731
+    try:
+        return torch.func.jvp(f, (pts,), (tans,))[1]
+    except (RuntimeError, NotImplementedError):
+        # Layers without forward AD: J t = d/dv <J^T v, t> (the double-vjp trick).
+        with torch.enable_grad():
+            z = pts.detach().requires_grad_()
+            y = f(z)
+            v = torch.zeros_like(y, requires_grad=True)
+            (jtv,) = torch.autograd.grad(y, z, v, create_graph=True)
+            (jt,) = torch.autograd.grad(jtv, v, tans)
+        return jt
+
+
+def length_distortion(model: nn.Module, points: Tensor, tangents: Tensor, *, output_fn: OutputFn = None,
+                      chunk_size: Optional[int] = None) -> float:
+    """L^E = sum over points of ``|| J_f(points_n) tangents_n ||_2`` by forward-mode JVP, the points
+    batched (``chunk_size`` at a time; all by default). The model must treat samples independently
+    (eval mode / LayerNorm, as in As-ViT)."""
+    if not isinstance(points, Tensor) or not isinstance(tangents, Tensor):
+        raise TypeError("points and tangents must be tensors")
+    if points.shape != tangents.shape:
+        raise ValueError(f"points {tuple(points.shape)} and tangents {tuple(tangents.shape)} must have one shape")
+    if points.dim() < 2 or points.shape[0] == 0:
+        raise ValueError(f"points must be (n >= 1, *input_shape), got {tuple(points.shape)}")
+    step = chunk_size or points.shape[0]
+    if step < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    total = 0.0
+    for i in range(0, points.shape[0], step):
+        jt = _jvp_chunk(model, output_fn, points[i:i + step], tangents[i:i + step])
+        total += jt.reshape(jt.shape[0], -1).double().norm(dim=1).sum().item()
+    return total

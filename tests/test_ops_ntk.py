@@ -1,0 +1,166 @@
+"""The NTK / Jacobian ops against the As-ViT definitions (asvit_kernels.reference loops)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import asvit_kernels as ak
+from asvit_kernels import reference
+
+from _ntk_models import CustomLayer, Embedder, Interacting, TinyViT, WindowsFirst
+from _util import TOL, cases, dtypes_for, rel_err
+
+
+@pytest.mark.parametrize("device,backend", cases("per_sample_grad_gram"))
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 9), (17, 20, 33, 40), (16, 1, 64, 10), (40, 3, 18, 5)])
+def test_per_sample_grad_gram_matches_reference(device, backend, shape, poison):
+    B, T, D_in, D_out = shape
+    g0 = torch.Generator().manual_seed(sum(shape))
+    for dtype in dtypes_for(device, backend):
+        a = torch.randn(B, T, D_in, generator=g0, dtype=torch.float64).to(dtype)
+        g = torch.randn(B, T, D_out, generator=g0, dtype=torch.float64).to(dtype)
+        want = reference.per_sample_grad_gram(a.double(), g.double())
+        got = ak.per_sample_grad_gram(a.to(device), g.to(device), backend=backend)
+        tol = TOL[dtype] if dtype != torch.float16 else 1e-5  # fp16 inputs, fp32 accumulation
+        assert rel_err(got, want) <= tol
+        if T == 1:  # (B, D) means T = 1
+            assert rel_err(ak.per_sample_grad_gram(a[:, 0].to(device), g[:, 0].to(device), backend=backend), want) <= tol
+
+
+@pytest.mark.parametrize("device,backend", cases("per_sample_grad_gram"))
+def test_per_sample_grad_gram_strided_inputs(device, backend):
+    a = torch.randn(20, 6, 9, device=device).transpose(0, 1)   # (6, 20, 9), batch stride 9
+    g = torch.randn(6, 20, 14, device=device)[:, :, ::2]        # non-unit last-dim stride
+    assert rel_err(ak.per_sample_grad_gram(a, g, backend=backend),
+                   reference.per_sample_grad_gram(a.double(), g.double())) <= TOL[torch.float32]
+
+
+def test_per_sample_grad_gram_rejects():
+    a = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="share"):
+        ak.per_sample_grad_gram(a, torch.randn(4, 2, 5))
+    with pytest.raises(ValueError, match="empty batch"):
+        ak.per_sample_grad_gram(a[:0], a[:0])
+    with pytest.raises(ValueError, match="both"):
+        ak.per_sample_grad_gram(a, a[:, 0])
+    with pytest.raises(TypeError, match="g is torch.float64"):
+        ak.per_sample_grad_gram(a, a.double())
+
+
+@pytest.mark.parametrize("params", ["all", "weights"])
+def test_ntk_fast_path_equals_per_sample_loop(params):
+    torch.manual_seed(0)
+    model = TinyViT().double()
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    K, info = ak.ntk(model, x, params=params, return_info=True)
+    assert info["path"] == "fast", info
+    assert K.dtype == torch.float64 and K.shape == (6, 6)
+    assert rel_err(K, reference.ntk_loop(model, x, params=params)) <= 1e-6
+
+
+def test_ntk_float32_and_triton_gram():
+    torch.manual_seed(0)
+    model = TinyViT()
+    x = torch.randn(5, 3, 16, 16)
+    want = reference.ntk_loop(model.double(), x.double())
+    model.float()
+    for backend in ak.backends.available("per_sample_grad_gram", torch.device("cpu")):
+        assert rel_err(ak.ntk(model, x, backend=backend), want) <= 1e-4
+
+
+@pytest.mark.parametrize("factory,why", [
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "BatchNorm"),
+    (WindowsFirst, "leading dim"),
+    (CustomLayer, "not broadcast"),
+    (Interacting, "interact"),
+])
+def test_ntk_exact_fallback(factory, why):
+    torch.manual_seed(0)
+    model = factory().double()
+    x = torch.randn(5, 8, 4, dtype=torch.float64) if factory is WindowsFirst else torch.randn(5, 5, dtype=torch.float64)
+    K, info = ak.ntk(model, x, return_info=True)
+    assert info["path"] == "exact" and why in info["reason"], info
+    assert rel_err(K, reference.ntk_loop(model, x)) <= 1e-6
+
+
+def test_ntk_embedding_and_output_fn():
+    torch.manual_seed(0)
+    model = Embedder().double()
+    idx = torch.randint(0, 11, (5, 7))
+    idx[0, :3] = 0  # padding rows get no gradient
+    K, info = ak.ntk(model, idx, return_info=True)
+    assert info["path"] == "fast"
+    assert rel_err(K, reference.ntk_loop(model, idx)) <= 1e-6
+    fn = lambda m, x: m(x)[:, :1] * 3  # noqa: E731
+    assert rel_err(ak.ntk(model, idx, output_fn=fn), reference.ntk_loop(model, idx, output_fn=fn)) <= 1e-6
+
+
+def test_ntk_several_initialisations():
+    torch.manual_seed(0)
+    models = [TinyViT().double() for _ in range(3)]
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    K = ak.ntk(models, x, params="weights")
+    assert K.shape == (3, 4, 4)
+    for k, m in zip(K, models):
+        assert rel_err(k, reference.ntk_loop(m, x, params="weights")) <= 1e-6
+
+
+def test_condition_number():
+    torch.manual_seed(0)
+    models = [TinyViT().double() for _ in range(2)]
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    kappas = []
+    for m in models:
+        ev = torch.linalg.eigvalsh(reference.ntk_loop(m, x, params="weights"))
+        kappas.append((ev[-1] / ev[0]).item())
+    assert math.isclose(ak.ntk_condition_number(models, x, params="weights"), sum(kappas) / 2, rel_tol=1e-6)
+    # A degenerate network (every output the same): lambda_min = 0 -> inf, never NaN.
+    dead = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    nn.init.constant_(dead[0].weight, 0.0)
+    nn.init.constant_(dead[0].bias, -1.0)
+    assert ak.ntk_condition_number(dead, torch.randn(4, 5)) == math.inf
+    nan_model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))  # NaN activations: a NaN NTK
+    nn.init.constant_(nan_model[0].weight, float("nan"))
+    assert ak.ntk_condition_number(nan_model, torch.randn(4, 5)) == math.inf
+    with pytest.raises(ValueError, match="at least 2"):
+        ak.ntk_condition_number(dead, torch.randn(1, 5))
+
+
+def test_ntk_rejects():
+    model = nn.Linear(5, 3)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        ak.ntk(model, torch.randn(0, 5))
+    with pytest.raises(ValueError, match="leading dim"):
+        ak.ntk(model, torch.randn(4, 5), output_fn=lambda m, x: m(x).sum())
+    with pytest.raises(ValueError, match="selects no parameter"):
+        ak.ntk(model, torch.randn(4, 5), params=lambda n, p: False)
+    with pytest.raises(ValueError, match="params must be"):
+        ak.ntk(model, torch.randn(4, 5), params="biases")
+    with pytest.raises(ValueError, match="empty list"):
+        ak.ntk([], torch.randn(4, 5))
+
+
+def test_circle_curve():
+    pts, tans = ak.circle_curve((3, 4, 4), 10, generator=torch.Generator().manual_seed(0))
+    assert pts.shape == tans.shape == (10, 3, 4, 4)
+    p, t = pts.reshape(10, -1).double(), tans.reshape(10, -1).double()
+    assert torch.allclose(p.norm(dim=1), torch.ones(10, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose((p * t).sum(1), torch.zeros(10, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(p[0], p[-1], atol=1e-6)  # t runs from 0 to 2 pi
+    with pytest.raises(ValueError, match="n_points"):
+        ak.circle_curve((3,), 0)
+
+
+def test_length_distortion_equals_per_coordinate_loop():
+    torch.manual_seed(0)
+    model = TinyViT(classes=32).double().eval()
+    pts, tans = ak.circle_curve((3, 16, 16), 10, generator=torch.Generator().manual_seed(1))
+    pts, tans = pts.double(), tans.double()
+    want = reference.length_distortion_loop(model, pts, tans)
+    assert math.isclose(ak.length_distortion(model, pts, tans), want, rel_tol=1e-6)
+    assert math.isclose(ak.length_distortion(model, pts, tans, chunk_size=3), want, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        ak.length_distortion(model, pts, tans[:5])
+    with pytest.raises(ValueError, match="chunk_size"):
+        ak.length_distortion(model, pts, tans, chunk_size=-1)
