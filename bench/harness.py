@@ -8,7 +8,11 @@ and a Markdown table beside it, with the machine named in both; ``plot_bars`` ad
 from __future__ import annotations
 
 import json
+import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,6 +50,70 @@ def time_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return m.median * 1e3
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
+    """MiB that one ``fn()`` call adds, at its peak, over what was live just before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensor bytes held by the caching allocator). CPU:
+    tracemalloc cannot see torch's allocations, so this is the process's peak resident set minus the
+    resident set before the call: the Linux ``VmHWM`` counter reset through ``/proc/self/clear_refs``
+    where allowed, else ``getrusage`` ``ru_maxrss``, whose high-water mark cannot be reset (a call
+    that stays under an earlier peak then reads too low). A CPU figure means something only in a fresh
+    process whose malloc hands freed blocks back to the OS: run it through ``run_isolated``.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    if _reset_hwm():
+        base = _proc_status_kb("VmRSS")
+        fn()
+        return (_proc_status_kb("VmHWM") - base) / 1024
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def cpu_memory_method() -> str:
+    """Which counter ``peak_memory_mb`` reads on CPU here (for a result file's notes)."""
+    return "VmHWM (reset via /proc/self/clear_refs)" if _reset_hwm() else "getrusage ru_maxrss"
+
+
+def run_isolated(args: list[str], timeout: float | None = None) -> dict:
+    """Run ``python *args`` in a fresh process and return the JSON object it printed last on stdout.
+
+    ``MALLOC_MMAP_THRESHOLD_`` is lowered so that glibc serves large blocks by mmap and returns them
+    on free: the resident set then follows live memory, as ``peak_memory_mb`` needs on CPU.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"isolated run failed (rc {proc.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
 
 
 def write(name: str, info: dict, rows: list[dict], columns: list[str], notes: str = "") -> tuple[Path, Path]:

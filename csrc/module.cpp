@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "elastic_layer_norm.h"
+#include "per_sample_grad_gram.h"
 #include "runtime_info.h"
 #include "varlen_attention.h"
 
@@ -383,6 +384,63 @@ void varlen_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
   launch_varlen_attention_bwd(p, as_stream(stream));
 }
 
+// ---- per-sample-gradient Gram (one linear layer's empirical NTK) --------------------------------
+constexpr int64_t kGramMaxB = 65536;
+
+void check_gram_sizes(const char* fn, int64_t B, int64_t T, int64_t D_in, int64_t D_out) {
+  if (B < 0 || B > kGramMaxB) bad_arg(fn, "B must be in [0, " + str(kGramMaxB) + "], got " + str(B));
+  if (T < 0 || T > kMaxInt32) bad_arg(fn, "T must be in [0, " + str(kMaxInt32) + "], got " + str(T));
+  if (D_in < 1 || D_in > kMaxInt32)
+    bad_arg(fn, "D_in must be in [1, " + str(kMaxInt32) + "], got " + str(D_in));
+  if (D_out < 1 || D_out > kMaxInt32)
+    bad_arg(fn, "D_out must be in [1, " + str(kMaxInt32) + "], got " + str(D_out));
+}
+
+int64_t gram_workspace_numel(int64_t B, int64_t T, int64_t D_in, int64_t D_out) {
+  const char* fn = "per_sample_grad_gram_workspace_numel";
+  check_gram_sizes(fn, B, T, D_in, D_out);
+  return per_sample_grad_gram_workspace_numel(B, T, D_in, D_out);
+}
+
+void per_sample_grad_gram(uintptr_t a, uintptr_t g, uintptr_t out, uintptr_t workspace, int64_t B,
+                          int64_t T, int64_t D_in, int64_t D_out, int64_t a_stride_b,
+                          int64_t a_stride_t, int64_t g_stride_b, int64_t g_stride_t, int dtype,
+                          uintptr_t stream) {
+  const char* fn = "per_sample_grad_gram";
+  const DType dt = check_dtype(fn, dtype);
+  check_gram_sizes(fn, B, T, D_in, D_out);
+  const size_t es = element_size(dt);
+  const bool work = B > 0 && T > 0;
+  check_ptr(fn, "a", a, es, work);
+  check_ptr(fn, "g", g, es, work);
+  check_ptr(fn, "out", out, 4, B > 0);
+  check_ptr(fn, "workspace", workspace, 4,
+            per_sample_grad_gram_workspace_numel(B, T, D_in, D_out) > 0);
+  if (a_stride_b < 0) bad_arg(fn, "a_stride_b must be >= 0, got " + str(a_stride_b));
+  if (a_stride_t < 0) bad_arg(fn, "a_stride_t must be >= 0, got " + str(a_stride_t));
+  if (g_stride_b < 0) bad_arg(fn, "g_stride_b must be >= 0, got " + str(g_stride_b));
+  if (g_stride_t < 0) bad_arg(fn, "g_stride_t must be >= 0, got " + str(g_stride_t));
+  if (B == 0) return;
+  require_device();
+
+  PerSampleGradGramArgs p{};
+  p.a = as_ptr<const void>(a);
+  p.g = as_ptr<const void>(g);
+  p.out = as_ptr<float>(out);
+  p.workspace = as_ptr<float>(workspace);
+  p.B = B;
+  p.T = T;
+  p.D_in = D_in;
+  p.D_out = D_out;
+  p.a_sb = a_stride_b;
+  p.a_st = a_stride_t;
+  p.g_sb = g_stride_b;
+  p.g_st = g_stride_t;
+  p.dtype = dt;
+  py::gil_scoped_release no_gil;
+  launch_per_sample_grad_gram(p, as_stream(stream));
+}
+
 }  // namespace
 }  // namespace asvit
 
@@ -453,4 +511,19 @@ PYBIND11_MODULE(_C, m) {
         "(total_q, H, D), dk and dv (total_k, H_kv, D; summed over the query heads of each GQA "
         "group; 0 for keys no query attends). workspace: varlen_attention_bwd_workspace_numel(H, "
         "total_q) fp32. Deterministic: no atomics.");
+
+  m.def("per_sample_grad_gram_workspace_numel", &gram_workspace_numel, py::arg("B"), py::arg("T"),
+        py::arg("D_in"), py::arg("D_out"),
+        "fp32 elements of workspace per_sample_grad_gram needs (0 when B == 0 or T == 0); depends "
+        "on the sizes only.");
+  m.def("per_sample_grad_gram", &per_sample_grad_gram, py::arg("a"), py::arg("g"), py::arg("out"),
+        py::arg("workspace"), py::arg("B"), py::arg("T"), py::arg("D_in"), py::arg("D_out"),
+        py::arg("a_stride_b"), py::arg("a_stride_t"), py::arg("g_stride_b"), py::arg("g_stride_t"),
+        py::arg("dtype"), py::arg("stream"),
+        "One linear layer's empirical-NTK Gram: out[i, j] = <G_i, G_j>_F (float32 (B, B), "
+        "contiguous) with G_i = g_i^T a_i = sum_t g[i, t, :] (x) a[i, t, :], for a (B, T, D_in) and "
+        "g (B, T, D_out) (strides in elements, last dim contiguous), without storing any G_i. "
+        "fp32 accumulation; T == 0 writes zeros, B == 0 does nothing. workspace: "
+        "per_sample_grad_gram_workspace_numel(B, T, D_in, D_out) fp32. Deterministic: no atomics; "
+        "out is exactly symmetric.");
 }
