@@ -388,8 +388,10 @@ void varlen_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
 constexpr int64_t kGramMaxB = 65536;
 
 void check_gram_sizes(const char* fn, int64_t B, int64_t T, int64_t D_in, int64_t D_out) {
-  if (B < 0 || B > kGramMaxB) bad_arg(fn, "B must be in [0, " + str(kGramMaxB) + "], got " + str(B));
-  if (T < 0 || T > kMaxInt32) bad_arg(fn, "T must be in [0, " + str(kMaxInt32) + "], got " + str(T));
+  if (B < 0 || B > kGramMaxB)
+    bad_arg(fn, "B must be in [0, " + str(kGramMaxB) + "], got " + str(B));
+  if (T < 0 || T > kMaxInt32)
+    bad_arg(fn, "T must be in [0, " + str(kMaxInt32) + "], got " + str(T));
   if (D_in < 1 || D_in > kMaxInt32)
     bad_arg(fn, "D_in must be in [1, " + str(kMaxInt32) + "], got " + str(D_in));
   if (D_out < 1 || D_out > kMaxInt32)
