@@ -100,10 +100,16 @@ def test_ntk_several_initialisations():
     torch.manual_seed(0)
     models = [TinyViT().double() for _ in range(3)]
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    K = ak.ntk(models, x, params="weights")
+    K, info = ak.ntk(models, x, params="weights", return_info=True)
+    assert info["path"] == "fast", info  # one pass, vmapped over the stacked models
     assert K.shape == (3, 4, 4)
     for k, m in zip(K, models):
         assert rel_err(k, reference.ntk_loop(m, x, params="weights")) <= 1e-6
+
+
+def test_ntk_list_must_share_architecture():
+    with pytest.raises(ValueError, match="one architecture"):
+        ak.ntk([nn.Linear(5, 3), nn.Linear(5, 4)], torch.randn(4, 5))
 
 
 def test_condition_number():

@@ -103,14 +103,10 @@ def _per_token(t: Tensor, B: int) -> Tensor:
 
 
 class _LayerRecord:
-    """Inputs and outputs of every call of one supported layer during the forward."""
+    """One supported layer; during a forward, the inputs of its calls (in call order)."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.inputs, self.outputs = module, [], []
-
-    def hook(self, module, args, output):
-        self.inputs.append(args[0].detach())
-        self.outputs.append(output)
+        self.module, self.inputs = module, []
 
 
 def _layer_factors(rec: _LayerRecord, grads: list[Tensor], B: int) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
@@ -174,16 +170,15 @@ def _embedding_gram(idx: Tensor, g: Tensor, padding_idx: Optional[int]) -> Tenso
     return ((G @ G.T) * same).view(B, T, B, T).sum((1, 3))
 
 
-def _fast_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen: list[tuple[str, nn.Parameter]],
-              backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(K, the forward's output) or _Fallback."""
-    B = x.shape[0]
+def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[list[_LayerRecord], list[str]]:
+    """The supported layers owning selected parameters, and the names of selected plain parameters
+    broadcast over the batch; _Fallback when anything else holds a selected parameter."""
     wanted = {id(p) for _, p in chosen}
-    records, plain = [], {}
+    records, plain = [], []
     for mod_name, m in model.named_modules():
-        own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) in wanted]
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise _Fallback("BatchNorm in training mode couples the samples")
+        own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) in wanted]
         if not own:
             continue
         if type(m) in _SUPPORTED:
@@ -193,30 +188,76 @@ def _fast_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen: list[tup
             if p.dim() == 0 or p.shape[0] != 1:
                 raise _Fallback(f"parameter {mod_name + '.' if mod_name else ''}{n} of {type(m).__name__} "
                                 f"is not broadcast over the batch (leading dim 1)")
-            plain[f"{mod_name}.{n}" if mod_name else n] = p
-    # A plain (1, ...) parameter is swapped for a (B, ...) copy, whose gradient is per sample.
-    per_sample = {name: p.detach().expand(B, *p.shape[1:]).clone().requires_grad_() for name, p in plain.items()}
-    handles = [r.module.register_forward_hook(r.hook) for r in records]
+            plain.append(f"{mod_name}.{n}" if mod_name else n)
+    return records, plain
+
+
+def _hooked(records: list[_LayerRecord], on_call: Callable):
+    """Forward hooks on the recorded layers: ``on_call(record, input, output)`` may replace the output."""
+    return [r.module.register_forward_hook(lambda m, args, out, r=r: on_call(r, args[0], out)) for r in records]
+
+
+def _probe_shapes(model, x, output_fn, records) -> tuple[list[tuple[torch.Size, torch.dtype]], Tensor]:
+    """One no-grad forward: each recorded call's output shape and dtype, in call order, and the output."""
+    shapes = []
+    handles = _hooked(records, lambda r, a, out: shapes.append((out.shape, out.dtype)))
     try:
-        out = _call_with(model, per_sample, lambda: _outputs(model, x, output_fn))
-    except RuntimeError as err:
-        if not per_sample:
-            raise
-        raise _Fallback(f"the model cannot run with per-sample copies of its plain parameters ({err})") from err
+        with torch.no_grad():
+            out = _outputs(model, x, output_fn)
     finally:
         for h in handles:
             h.remove()
-    s = out.reshape(B, -1).sum()
-    targets = [o for r in records for o in r.outputs] + list(per_sample.values())
-    grads = torch.autograd.grad(s, targets, allow_unused=True) if targets else []
-    K = torch.zeros(B, B, dtype=torch.float64, device=x.device)
-    k = 0
-    for r in records:
-        n_calls = len(r.outputs)
-        factors = _layer_factors(r, list(grads[k:k + n_calls]), B)
-        k += n_calls
-        for pname, (a, g) in factors.items():
-            if id(getattr(r.module, pname)) not in wanted:
+    return shapes, out
+
+
+def _layer_grads(model, x, output_fn, records, plain, state, shapes):
+    """One forward + one backward, functionally (so it also runs under vmap over stacked models).
+
+    Zero probes added to every recorded layer output (and to per-sample copies of the plain
+    parameters) turn ``d sum_i s_i / d probe`` into each layer's output gradient. Returns
+    (call order as record indices, the calls' inputs, their output grads, the plain params' grads).
+    """
+    B = x.shape[0]
+    order, inputs = [], []
+    index = {id(r): i for i, r in enumerate(records)}
+
+    def f(probes, plain_probes):
+        it = iter(probes)
+        order.clear()
+        inputs.clear()
+
+        def on_call(r, a, out):
+            order.append(index[id(r)])
+            inputs.append(a.detach())
+            return out + next(it)
+
+        st = dict(state)
+        for name, pp in zip(plain, plain_probes):
+            st[name] = st[name].expand(B, *st[name].shape[1:]) + pp
+        handles = _hooked(records, on_call)
+        try:
+            out = _call_with(model, st, lambda: _outputs(model, x, output_fn))
+        finally:
+            for h in handles:
+                h.remove()
+        # The inputs leave through aux: captured tensors must not escape the transform.
+        return out.reshape(B, -1).sum(), tuple(inputs)
+
+    probes = [torch.zeros(sh, device=x.device, dtype=dt) for sh, dt in shapes]
+    plain_probes = [torch.zeros(B, *state[n].shape[1:], device=x.device, dtype=state[n].dtype) for n in plain]
+    s, vjp_fn, layer_inputs = torch.func.vjp(f, probes, plain_probes, has_aux=True)
+    grads, plain_grads = vjp_fn(torch.ones_like(s))
+    return list(order), list(layer_inputs), grads, plain_grads
+
+
+def _assemble(records, chosen_ids, order, inputs, grads, plain_grads, B, backend, device) -> Tensor:
+    """Sum every selected parameter's block of the NTK, each a Gram of per-sample quantities."""
+    K = torch.zeros(B, B, dtype=torch.float64, device=device)
+    for i, r in enumerate(records):
+        calls = [k for k, j in enumerate(order) if j == i]
+        r.inputs = [inputs[k] for k in calls]
+        for pname, (a, g) in _layer_factors(r, [grads[k] for k in calls], B).items():
+            if id(getattr(r.module, pname)) not in chosen_ids:
                 continue
             if isinstance(a, str):  # embedding rows
                 K += _embedding_gram(g[0], g[1], r.module.padding_idx).double()
@@ -225,11 +266,43 @@ def _fast_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen: list[tup
                 K += v @ v.T
             else:
                 K += per_sample_grad_gram(a, g, backend=backend).double()
-    for gp in grads[k:]:
-        if gp is not None:
-            v = gp.reshape(B, -1).double()
-            K += v @ v.T
-    return K, out.detach()
+        r.inputs = []
+    for gp in plain_grads:
+        v = gp.reshape(B, -1).double()
+        K += v @ v.T
+    return K
+
+
+def _fast_ntk(models: Sequence[nn.Module], x: Tensor, output_fn: OutputFn, params: ParamSelector,
+              backend: Optional[str]) -> Tensor:
+    """(R, B, B) for R same-architecture models in one forward/backward pass (vmapped over their
+    stacked parameters when R > 1), or _Fallback."""
+    model = models[0]
+    chosen = select_parameters(model, params)
+    records, plain = _plan(model, chosen)
+    shapes, out = _probe_shapes(model, x, output_fn, records)
+    if not _samples_independent(model, x, output_fn, out):
+        raise _Fallback("the samples interact (changing sample 0 changes the other outputs)")
+    try:
+        if len(models) == 1:
+            state = {n: p for n, p in model.named_parameters() if n in plain}
+            runs = [_layer_grads(model, x, output_fn, records, plain, state, shapes)]
+        else:
+            ps, bs = torch.func.stack_module_state(list(models))
+            order = []
+
+            def one(p, b):
+                o, i, g, pg = _layer_grads(model, x, output_fn, records, plain, {**p, **b}, shapes)
+                order[:] = o  # the call order is the architecture's, the same for every model
+                return i, g, pg
+
+            ins, gs, pgs = torch.func.vmap(one)(ps, bs)
+            runs = [(order, [t[r] for t in ins], [t[r] for t in gs], [t[r] for t in pgs]) for r in range(len(models))]
+    except RuntimeError as err:
+        raise _Fallback(f"the one-pass forward/backward failed ({err})") from err
+    chosen_ids = {id(p) for _, p in chosen}
+    return torch.stack([_assemble(records, chosen_ids, o, i, g, pg, x.shape[0], backend, x.device)
+                        for o, i, g, pg in runs])
 
 
 def _call_with(model: nn.Module, replacements: dict[str, Tensor], fn: Callable[[], Tensor]) -> Tensor:
@@ -300,25 +373,27 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
         params: "all", "weights" (names containing "weight", As-ViT/TENAS) or ``(name, p) -> bool``.
         backend: the backend of ``per_sample_grad_gram``.
     """
-    if isinstance(model, (list, tuple)):
-        if not model:
-            raise ValueError("model is an empty list")
-        res = [ntk(m, x, output_fn=output_fn, params=params, backend=backend, return_info=True) for m in model]
-        K = torch.stack([k for k, _ in res])
-        return (K, [i for _, i in res]) if return_info else K
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("model is an empty list")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-    chosen = select_parameters(model, params)
+    for m in models:
+        select_parameters(m, params)  # a selection that is empty raises here, for any path
+    shapes = {tuple((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in models}
+    if len(shapes) > 1:
+        raise ValueError("the models of a list must share one architecture (parameter names and shapes)")
     info = {"path": "fast", "reason": None}
     try:
-        K, out = _fast_ntk(model, x, output_fn, chosen, backend)
-        if not _samples_independent(model, x, output_fn, out):
-            raise _Fallback("the samples interact (changing sample 0 changes the other outputs)")
+        K = _fast_ntk(models, x, output_fn, params, backend)
     except _Fallback as why:
-        K, how = _exact_ntk(model, x, output_fn, chosen)
-        info = {"path": "exact", "method": how, "reason": str(why)}
+        exact = [_exact_ntk(m, x, output_fn, select_parameters(m, params)) for m in models]
+        K = torch.stack([k for k, _ in exact])
+        info = {"path": "exact", "method": exact[0][1], "reason": str(why)}
+    if not isinstance(model, (list, tuple)):
+        K = K[0]
     log.info("ntk: %s path%s", info["path"], f" ({info['reason']})" if info["reason"] else "")
     return (K, info) if return_info else K
 
