@@ -359,8 +359,9 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
 
     Paths (``return_info=True`` returns ``(K, info)`` with ``info["path"]`` and the reason; the
     choice is also logged at INFO):
-      - ``"fast"``: one forward + one backward (+ one no-grad forward that checks the samples do not
-        interact). Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
+      - ``"fast"``: one forward + one backward, plus two no-grad forwards (one finds the layer output
+        shapes, one with sample 0 replaced checks that the samples do not interact). For a list
+        of models the forward/backward is vmapped over their stacked parameters: one pass for all. Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
         ``nn.LayerNorm``, ``nn.Embedding`` fed ``(B, ...)``, or is a plain parameter broadcast over
         the batch (leading dim 1: class token, position embedding).
       - ``"exact"``: anything else (a layer fed ``(B * windows, ...)``, an unknown layer, BatchNorm
