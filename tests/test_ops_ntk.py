@@ -105,6 +105,9 @@ def test_ntk_several_initialisations():
     assert K.shape == (3, 4, 4)
     for k, m in zip(K, models):
         assert rel_err(k, reference.ntk_loop(m, x, params="weights")) <= 1e-6
+    assert rel_err(ak.ntk(models, x, params="weights", models_per_pass=2), K) <= 1e-12
+    with pytest.raises(ValueError, match="models_per_pass"):
+        ak.ntk(models, x, models_per_pass=0)
 
 
 def test_ntk_list_must_share_architecture():

@@ -353,7 +353,8 @@ def _exact_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen) -> tupl
 
 
 def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: OutputFn = None,
-        params: ParamSelector = "all", backend: Optional[str] = None, return_info: bool = False):
+        params: ParamSelector = "all", backend: Optional[str] = None, return_info: bool = False,
+        models_per_pass: Optional[int] = None):
     """The empirical sum-of-outputs NTK: ``K_ij = sum_p ds_i/dp . ds_j/dp`` in float64, with
     ``s_i = sum_c f(x)[i, c]`` and ``f = output_fn(model, x)`` (default ``model(x)``).
 
@@ -373,6 +374,8 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
         x: the batch ``(B, ...)``, B >= 1.
         params: "all", "weights" (names containing "weight", As-ViT/TENAS) or ``(name, p) -> bool``.
         backend: the backend of ``per_sample_grad_gram``.
+        models_per_pass: with a list, at most this many models share one vmapped pass (each pass
+            holds the activations of all its models); None = all in one pass.
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models:
@@ -387,8 +390,13 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
     if len(shapes) > 1:
         raise ValueError("the models of a list must share one architecture (parameter names and shapes)")
     info = {"path": "fast", "reason": None}
+    if models_per_pass is not None and (isinstance(models_per_pass, bool) or not isinstance(models_per_pass, int)
+                                        or models_per_pass < 1):
+        raise ValueError(f"models_per_pass must be None or a positive int, got {models_per_pass!r}")
+    step = models_per_pass or len(models)
     try:
-        K = _fast_ntk(models, x, output_fn, params, backend)
+        K = torch.cat([_fast_ntk(models[i:i + step], x, output_fn, params, backend)
+                       for i in range(0, len(models), step)])
     except _Fallback as why:
         exact = [_exact_ntk(m, x, output_fn, select_parameters(m, params)) for m in models]
         K = torch.stack([k for k, _ in exact])
