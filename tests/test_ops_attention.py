@@ -155,6 +155,8 @@ CU = torch.tensor([0, 4, 10], dtype=torch.int32)
     (dict(k=torch.randn(10, 4, 8, device="meta")), ValueError, "k is on meta"),
     (dict(dropout_p=0.1), NotImplementedError, "dropout_p=0.1"),
     (dict(causal=1), TypeError, "causal"),
+    (dict(k=torch.randn(9, 4, 8), v=torch.randn(9, 4, 8)), ValueError, "as many keys as queries"),
+    (dict(k=torch.randn(9, 4, 8), v=torch.randn(9, 4, 8), max_seqlen_q=6), ValueError, "as many keys"),
     (dict(max_seqlen_q=-2), TypeError, "max_seqlen_q"),
 ])
 def test_bad_inputs_raise(kwargs, exc, msg):

@@ -117,12 +117,6 @@ def _check_max(v, name: str) -> int:
     return v
 
 
-def _head_dim_limits(D: int):
-    def limits(b: str) -> Optional[str]:
-        return None if D <= MAX_HEAD_DIM else f"head dim {D} > {MAX_HEAD_DIM}"
-    return limits
-
-
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor] = None,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, causal: bool = False, *,
@@ -176,6 +170,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_q.numel()} and {cu_k.numel()}")
+    if cu_seqlens_k is None and k.shape[0] != total_q:
+        raise ValueError(f"cu_seqlens_k=None needs as many keys as queries, got {k.shape[0]} and {total_q}")
     max_q, max_k = _check_max(max_seqlen_q, "max_seqlen_q"), _check_max(max_seqlen_k, "max_seqlen_k")
     if cu_seqlens_k is None and max_k < 0:
         max_k = max_q
@@ -184,9 +180,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         longest_q = _check_cu_values(cu_q, "cu_seqlens_q", total_q)
         longest_k = longest_q if cu_seqlens_k is None else _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
         max_q, max_k = (longest_q if max_q < 0 else max_q), (longest_k if max_k < 0 else max_k)
-    elif cu_seqlens_k is None and k.shape[0] != total_q and not torch.compiler.is_compiling():
-        raise ValueError(f"cu_seqlens_k=None needs as many keys as queries, got {k.shape[0]} and {total_q}")
-    impl = backends.pick("varlen_attention", q.device, backend, q.dtype, _head_dim_limits(D))
+    impl = backends.pick("varlen_attention", q.device, backend, q.dtype)
     out, _ = _varlen_attention_op(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
                                   float(softmax_scale), causal, impl)
     return out

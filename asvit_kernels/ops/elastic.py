@@ -83,7 +83,7 @@ def _elastic_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_range:
     _, backward = _linear_impl(backend)
     dx, dw, db = backward(_rows(dy, dy.shape[-1]), _rows(x, x.shape[-1]), weight, _pairs(in_range), _pairs(out_ranges),
                     need_dx, need_dw, need_db)
-    return _or_empty(dx if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
+    return _or_empty(None if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
 
 
 @_elastic_linear_backward_op.register_fake
@@ -173,7 +173,7 @@ def _elastic_layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, has_b
     width = x.shape[-1]
     dx, dw, db = backward(_rows(dy, width), _rows(x, width), weight.contiguous(), has_bias, mean, rstd, offset,
                     need_dx, need_dwb)
-    return _or_empty(dx if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
+    return _or_empty(None if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
 
 
 @_elastic_layer_norm_backward_op.register_fake

@@ -102,21 +102,14 @@ def _per_token(t: Tensor, B: int) -> Tensor:
     return t.reshape(B, -1, t.shape[-1])
 
 
-class _LayerRecord:
-    """One supported layer; during a forward, the inputs of its calls (in call order)."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.inputs = module, []
-
-
-def _layer_factors(rec: _LayerRecord, grads: list[Tensor], B: int) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
+def _layer_factors(m: nn.Module, inputs: list[Tensor], grads: list[Tensor],
+                   B: int) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
     """For each parameter of the layer: (per-token input a, per-token output grad g) whose
     per-sample product g^T a is that parameter's per-sample gradient, or (vector, None) when the
     per-sample gradient is a (B, P) matrix directly. Several calls of one layer are concatenated
     along the tokens (their per-sample gradients add)."""
-    m = rec.module
     a_parts, g_parts = [], []
-    for x, g in zip(rec.inputs, grads):
+    for x, g in zip(inputs, grads):
         if g is None:
             continue
         if x.shape[0] != B:
@@ -170,7 +163,7 @@ def _embedding_gram(idx: Tensor, g: Tensor, padding_idx: Optional[int]) -> Tenso
     return ((G @ G.T) * same).view(B, T, B, T).sum((1, 3))
 
 
-def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[list[_LayerRecord], list[str]]:
+def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[list[nn.Module], list[str]]:
     """The supported layers owning selected parameters, and the names of selected plain parameters
     broadcast over the batch; _Fallback when anything else holds a selected parameter."""
     wanted = {id(p) for _, p in chosen}
@@ -182,7 +175,7 @@ def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[lis
         if not own:
             continue
         if type(m) in _SUPPORTED:
-            records.append(_LayerRecord(m))
+            records.append(m)
             continue
         for n, p in own:
             if p.dim() == 0 or p.shape[0] != 1:
@@ -192,9 +185,9 @@ def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[lis
     return records, plain
 
 
-def _hooked(records: list[_LayerRecord], on_call: Callable):
-    """Forward hooks on the recorded layers: ``on_call(record, input, output)`` may replace the output."""
-    return [r.module.register_forward_hook(lambda m, args, out, r=r: on_call(r, args[0], out)) for r in records]
+def _hooked(records: list[nn.Module], on_call: Callable):
+    """Forward hooks on the recorded layers: ``on_call(layer, input, output)`` may replace the output."""
+    return [r.register_forward_hook(lambda m, args, out: on_call(m, args[0], out)) for r in records]
 
 
 def _probe_shapes(model, x, output_fn, records) -> tuple[list[tuple[torch.Size, torch.dtype]], Tensor]:
@@ -255,18 +248,16 @@ def _assemble(records, chosen_ids, order, inputs, grads, plain_grads, B, backend
     K = torch.zeros(B, B, dtype=torch.float64, device=device)
     for i, r in enumerate(records):
         calls = [k for k, j in enumerate(order) if j == i]
-        r.inputs = [inputs[k] for k in calls]
-        for pname, (a, g) in _layer_factors(r, [grads[k] for k in calls], B).items():
-            if id(getattr(r.module, pname)) not in chosen_ids:
+        for pname, (a, g) in _layer_factors(r, [inputs[k] for k in calls], [grads[k] for k in calls], B).items():
+            if id(getattr(r, pname)) not in chosen_ids:
                 continue
             if isinstance(a, str):  # embedding rows
-                K += _embedding_gram(g[0], g[1], r.module.padding_idx).double()
+                K += _embedding_gram(g[0], g[1], r.padding_idx).double()
             elif g is None:
                 v = a.double()
                 K += v @ v.T
             else:
                 K += per_sample_grad_gram(a, g, backend=backend).double()
-        r.inputs = []
     for gp in plain_grads:
         v = gp.reshape(B, -1).double()
         K += v @ v.T

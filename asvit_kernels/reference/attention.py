@@ -31,10 +31,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         kb = k[ks:ke].transpose(0, 1).repeat_interleave(H // H_kv, dim=0)  # (H, Lk, D)
         vb = v[ks:ke].transpose(0, 1).repeat_interleave(H // H_kv, dim=0)
         s = scale * qb @ kb.transpose(1, 2)
-        allowed = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device)
         if causal:
-            allowed = causal_mask(qe - qs, ke - ks, q.device)
-        s = s.masked_fill(~allowed, float("-inf"))
+            s = s.masked_fill(~causal_mask(qe - qs, ke - ks, q.device), float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key: all zero
         outs.append((p @ vb).transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -18,9 +18,6 @@ import triton.language as tl
 
 from .gather_matmul import _input_precision
 
-MAX_HEAD_DIM = 256
-
-
 @triton.jit
 def _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows of query tile ``pid_m``, the keys each may see ``[ks, k_end)``, and the tile's key loop
