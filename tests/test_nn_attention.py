@@ -84,3 +84,27 @@ def test_dropout_in_training_is_refused_not_ignored():
     attn.eval()(torch.randn(1, 4, 16))  # eval: no dropout, runs
     with pytest.raises(ValueError, match="divisible"):
         Attention(10, 3)
+
+
+def test_attn_dim_other_than_dim():
+    """q, k and v of width attn_dim != dim (a ViTAS sub-network's layer): qkv dim -> 3 * attn_dim,
+    proj attn_dim -> dim, same function as the plain computation."""
+    torch.manual_seed(0)
+    attn = Attention(24, 2, qkv_bias=True, attn_dim=40).double()
+    assert attn.qkv.weight.shape == (120, 24) and attn.proj.weight.shape == (24, 40)
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    q, k, v = attn.qkv(x).reshape(2, 9, 3, 2, 20).permute(2, 0, 3, 1, 4)
+    want = attn.proj(((q @ k.transpose(-2, -1)) * 20 ** -0.5).softmax(-1).matmul(v).transpose(1, 2).reshape(2, 9, 40))
+    assert rel_err(attn(x), want) <= 1e-12
+    with pytest.raises(ValueError, match="divisible"):
+        Attention(24, 3, attn_dim=40)
+
+
+def test_ntk_takes_the_fast_path_through_attention():
+    """The projections see (B, N, C), so the NTK of a model with Attention needs no fallback."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Attention(16, 2, qkv_bias=True)).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    K, info = ak.ntk(model, x, return_info=True)
+    assert info["path"] == "fast", info
+    assert rel_err(K, ak.reference.ntk_loop(model, x)) <= 1e-10

@@ -14,22 +14,32 @@ from ..ops import varlen_attention
 
 
 class Attention(nn.Module):
-    """Self-attention over ``(B, N, C)`` or packed ``(total, C)`` tokens (``cu_seqlens`` given)."""
+    """Self-attention over ``(B, N, C)`` or packed ``(total, C)`` tokens (``cu_seqlens`` given).
+
+    ``attn_dim`` is the width of each of q, k and v (default ``dim``, timm's layout); a narrower or
+    wider one gives ``qkv: dim -> 3 * attn_dim`` and ``proj: attn_dim -> dim`` (ViTAS sub-networks).
+    The projections see the tokens with the batch as the leading dim, as ``ntk``'s fast path needs.
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: type = nn.LayerNorm, *,
-                 backend: Optional[str] = None):
+                 attn_dim: Optional[int] = None, backend: Optional[str] = None):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        attn_dim = dim if attn_dim is None else attn_dim
+        if isinstance(attn_dim, bool) or not isinstance(attn_dim, int) or attn_dim < 1:
+            raise ValueError(f"attn_dim must be a positive int, got {attn_dim!r}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if attn_dim % num_heads:
+            raise ValueError(f"attention width ({attn_dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.head_dim, self.backend = num_heads, attn_dim // num_heads, backend
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = nn.Identity()  # timm's scale_norm slot; patch_timm carries it over
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
@@ -41,19 +51,18 @@ class Attention(nn.Module):
             raise ValueError(f"with cu_seqlens, x must be packed (total, C), got shape {tuple(x.shape)}")
         if not packed and x.dim() != 3:
             raise ValueError(f"x must be (B, N, C) (or packed (total, C) with cu_seqlens), got {tuple(x.shape)}")
-        shape = x.shape
+        lead = x.shape[:-1]
         if not packed:  # B equal-length sequences: uniform offsets, no host sync
-            B, N, _ = shape
+            B, N = lead
             cu_seqlens = torch.arange(0, (B + 1) * N, N, device=x.device, dtype=torch.int32)
             max_seqlen = N
-            x = x.reshape(B * N, -1)
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        total = lead.numel()
+        q, k, v = self.qkv(x).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
         p = self.attn_drop.p if self.training else 0.0
         o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, p, self.scale,
                              backend=self.backend)
-        o = self.proj_drop(self.proj(self.norm(o.reshape(x.shape[0], -1))))
-        return o.reshape(shape)
+        return self.proj_drop(self.proj(self.norm(o.reshape(*lead, -1))))
 
 
 def _is_timm_attention(m: nn.Module) -> bool:
@@ -71,7 +80,7 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> int:
         for name, child in list(parent.named_children()):
             if not _is_timm_attention(child):
                 continue
-            new = Attention(child.qkv.in_features, child.num_heads, backend=backend)
+            new = Attention(child.qkv.in_features, child.num_heads, attn_dim=child.qkv.out_features // 3, backend=backend)
             for attr in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
                 if hasattr(child, attr):
                     setattr(new, attr, getattr(child, attr))

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _validate
+from . import _transforms, _validate
 from .packing import pack, unpack
 
 Tensor = torch.Tensor
@@ -181,6 +181,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         longest_k = longest_q if cu_seqlens_k is None else _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
         max_q, max_k = (longest_q if max_q < 0 else max_q), (longest_k if max_k < 0 else max_k)
     impl = backends.pick("varlen_attention", q.device, backend, q.dtype)
+    if _transforms.active():
+        from ..torch_backend.attention import varlen_composite
+        return varlen_composite(q, k, v, cu_q, cu_k, float(softmax_scale), causal)
     out, _ = _varlen_attention_op(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
                                   float(softmax_scale), causal, impl)
     return out

@@ -12,7 +12,7 @@ import torch
 
 from .. import backends
 from ..ranges import RangeLike, normalize_range, normalize_ranges, total_width
-from . import _validate
+from . import _transforms, _validate
 
 Tensor = torch.Tensor
 
@@ -140,6 +140,9 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
     if x.shape[-1] != in_r[1]:
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the in_range width ({in_r[1]})")
     impl = backends.pick("elastic_linear", x.device, backend, x.dtype)
+    if _transforms.active():
+        from ..reference.elastic import elastic_linear as composite
+        return composite(x, weight, bias, in_r, list(out_r))
     return _elastic_linear_op(x, weight, bias, list(in_r), _flat(out_r), impl)
 
 
@@ -241,4 +244,7 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
     if x.shape[-1] != width:
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the channel_range width ({width})")
     impl = backends.pick("elastic_layer_norm", x.device, backend, x.dtype, _layer_norm_limits(width))
+    if _transforms.active():
+        from ..reference.elastic import elastic_layer_norm as composite
+        return composite(x, weight, bias, (offset, width), eps)
     return _elastic_layer_norm_op(x, weight, bias, offset, eps, impl)[0]

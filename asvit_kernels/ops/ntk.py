@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import backends
 from ..params import ParamSelector, select_parameters
-from . import _validate
+from . import _transforms, _validate
 
 Tensor = torch.Tensor
 OutputFn = Optional[Callable[[nn.Module, Tensor], Tensor]]
@@ -204,7 +204,7 @@ def _probe_shapes(model, x, output_fn, records) -> tuple[list[tuple[torch.Size, 
 
 
 def _layer_grads(model, x, output_fn, records, plain, state, shapes):
-    """One forward + one backward, functionally (so it also runs under vmap over stacked models).
+    """One forward + one backward: autograd for one model, ``torch.func.vjp`` under vmap over stacked models.
 
     Zero probes added to every recorded layer output (and to per-sample copies of the plain
     parameters) turn ``d sum_i s_i / d probe`` into each layer's output gradient. Returns
@@ -238,6 +238,13 @@ def _layer_grads(model, x, output_fn, records, plain, state, shapes):
 
     probes = [torch.zeros(sh, device=x.device, dtype=dt) for sh, dt in shapes]
     plain_probes = [torch.zeros(B, *state[n].shape[1:], device=x.device, dtype=state[n].dtype) for n in plain]
+    if not _transforms.active():
+        # Plain autograd: the fused custom ops (attention, elastic layers) run, which torch.func cannot see into.
+        leaves = [t.requires_grad_() for t in probes + plain_probes]
+        with torch.enable_grad():
+            s, layer_inputs = f(probes, plain_probes)
+            all_grads = torch.autograd.grad(s, leaves)
+        return list(order), list(layer_inputs), list(all_grads[:len(probes)]), list(all_grads[len(probes):])
     s, vjp_fn, layer_inputs = torch.func.vjp(f, probes, plain_probes, has_aux=True)
     grads, plain_grads = vjp_fn(torch.ones_like(s))
     return list(order), list(layer_inputs), grads, plain_grads

@@ -90,3 +90,31 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
         dk.index_copy_(0, ki, dkb.transpose(1, 2).reshape(n * Lk, H_kv, -1).to(k.dtype))
         dv.index_copy_(0, ki, dvb.transpose(1, 2).reshape(n * Lk, H_kv, -1).to(v.dtype))
     return dq, dk, dv
+
+
+def varlen_composite(q, k, v, cu_q, cu_k, scale: float, causal: bool) -> torch.Tensor:
+    """The forward as differentiable composite PyTorch ops with no in-place writes, for callers
+    under ``torch.func`` transforms (vmap, grad, jvp), which cannot see through a custom op."""
+    H = q.shape[1]
+    acc = _acc_dtype(q.dtype)
+    outs, rows = [], []
+    for (Lq, Lk), starts in _groups(cu_q, cu_k).items():
+        n = len(starts)
+        qi = _rows([s for s, _ in starts], Lq, q.device)
+        rows.append(qi)
+        if Lk == 0:  # no keys: zero rows
+            outs.append(q.new_zeros(n * Lq, H, q.shape[2]))
+            continue
+        ki = _rows([s for _, s in starts], Lk, q.device)
+        qb = _gather(q, qi, n, Lq, H).to(acc)
+        kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
+        s = scale * qb @ kb.transpose(-1, -2)
+        if causal:
+            s = s.masked_fill(~causal_mask(Lq, Lk, q.device), float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        outs.append((p @ vb).transpose(1, 2).reshape(n * Lq, H, -1).to(q.dtype))
+    if not outs:
+        return q.new_zeros(q.shape)
+    # Rows of zero-length query sequences do not exist, so the groups cover every row once.
+    order = torch.cat(rows)
+    return torch.cat(outs).index_select(0, torch.argsort(order))
