@@ -37,3 +37,11 @@ def test_count_flops_by_hand():
     with pytest.raises(ValueError, match="input_size"):
         count_flops(model, (3, 0, 16))
     assert count_flops(nn.Sequential(nn.Linear(4, 2)), (1, 1, 4)) == 8
+
+
+def test_asvit_large_size_matches_the_paper():
+    """As-ViT Large at 224, 1000 classes: about 88M parameters and 22.5 G multiply-adds."""
+    from asvit_kernels.models.asvit import AsViT
+    model = AsViT.from_genotype("8,2,3,5|4,1,2,2|4,1,4,5|4,1,6,2|32,180")
+    assert 87e6 <= count_params(model) <= 89e6
+    assert 22e9 <= count_flops(model, 224) <= 23e9
