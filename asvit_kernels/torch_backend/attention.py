@@ -34,11 +34,10 @@ def _gather(t: torch.Tensor, idx: torch.Tensor, n: int, length: int, heads: int)
 
 
 def _probs(qb, kb, lse, scale, causal, Lq, Lk):
-    s = scale * qb @ kb.transpose(-1, -2)
-    p = torch.exp(s - lse[..., None])
-    if causal:
-        p = p.masked_fill(~causal_mask(Lq, Lk, qb.device), 0.0)
-    return p.nan_to_num(0.0)  # rows with no visible key have lse = -inf
+    p = torch.exp((qb * scale) @ kb.transpose(-1, -2) - lse[..., None])
+    if causal:  # masked entries, and rows with no visible key (lse = -inf), are 0
+        p = p.masked_fill(~causal_mask(Lq, Lk, qb.device), 0.0).nan_to_num(0.0)
+    return p
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool):
@@ -54,11 +53,13 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool
             continue  # no keys: zero output, lse -inf
         ki = _rows([s for _, s in starts], Lk, q.device)
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
-        s = scale * qb @ kb.transpose(-1, -2)
+        s = (qb * scale) @ kb.transpose(-1, -2)  # scaling q touches Lq*D values, not Lq*Lk
         if causal:
             s = s.masked_fill(~causal_mask(Lq, Lk, q.device), float("-inf"))
         m = torch.logsumexp(s, dim=-1)                                     # (n, H, Lq)
-        p = torch.exp(s - m[..., None]).nan_to_num(0.0)
+        p = torch.softmax(s, dim=-1)
+        if causal:
+            p = p.nan_to_num(0.0)  # a row with no visible key is all -inf
         out.index_copy_(0, qi, (p @ vb).transpose(1, 2).reshape(n * Lq, H, -1).to(q.dtype))
         lse[:, qi] = m.transpose(0, 1).reshape(H, n * Lq)
     return out, lse
@@ -81,8 +82,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
         dvb = p.transpose(-1, -2) @ dob
         dp = dob @ vb.transpose(-1, -2)
         ds = p * (dp - (dob * ob).sum(-1, keepdim=True))
-        dqb = scale * ds @ kb
-        dkb = scale * ds.transpose(-1, -2) @ qb
+        dqb = (ds @ kb) * scale
+        dkb = (ds.transpose(-1, -2) @ qb) * scale
         # GQA: a kv head's gradient sums over the query heads that share it.
         dkb = dkb.view(n, H_kv, H // H_kv, Lk, -1).sum(2)
         dvb = dvb.view(n, H_kv, H // H_kv, Lk, -1).sum(2)
@@ -108,10 +109,12 @@ def varlen_composite(q, k, v, cu_q, cu_k, scale: float, causal: bool) -> torch.T
         ki = _rows([s for _, s in starts], Lk, q.device)
         qb = _gather(q, qi, n, Lq, H).to(acc)
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
-        s = scale * qb @ kb.transpose(-1, -2)
+        s = (qb * scale) @ kb.transpose(-1, -2)
         if causal:
             s = s.masked_fill(~causal_mask(Lq, Lk, q.device), float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        p = torch.softmax(s, dim=-1)
+        if causal:
+            p = p.nan_to_num(0.0)
         outs.append((p @ vb).transpose(1, 2).reshape(n * Lq, H, -1).to(q.dtype))
     if not outs:
         return q.new_zeros(q.shape)
