@@ -36,3 +36,13 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def one_thread():
+    """Real indicators on one thread (as torchrun's ranks run): on a loaded 2-core machine two
+    threads spin far longer than one computes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
