@@ -40,18 +40,19 @@ def _probs(qb, kb, lse, scale, causal, Lq, Lk):
     return p
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool):
+def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool):
+    """Per group of equal (len_q, len_k): the query rows, their outputs ``(n * Lq, H, D)`` and
+    log-sum-exps ``(H, n * Lq)`` in the accumulation dtype, or (rows, None, None) when there are no keys."""
     H = q.shape[1]
     acc = _acc_dtype(q.dtype)
-    out = torch.zeros_like(q)
-    lse = torch.full((H, q.shape[0]), float("-inf"), device=q.device, dtype=acc)
     for (Lq, Lk), starts in _groups(cu_q, cu_k).items():
         n = len(starts)
         qi = _rows([s for s, _ in starts], Lq, q.device)
-        qb = _gather(q, qi, n, Lq, H).to(acc)
         if Lk == 0:
-            continue  # no keys: zero output, lse -inf
+            yield qi, None, None
+            continue
         ki = _rows([s for _, s in starts], Lk, q.device)
+        qb = _gather(q, qi, n, Lq, H).to(acc)
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
         s = (qb * scale) @ kb.transpose(-1, -2)  # scaling q touches Lq*D values, not Lq*Lk
         if causal:
@@ -60,8 +61,16 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool
         p = torch.softmax(s, dim=-1)
         if causal:
             p = p.nan_to_num(0.0)  # a row with no visible key is all -inf
-        out.index_copy_(0, qi, (p @ vb).transpose(1, 2).reshape(n * Lq, H, -1).to(q.dtype))
-        lse[:, qi] = m.transpose(0, 1).reshape(H, n * Lq)
+        yield qi, (p @ vb).transpose(1, 2).reshape(n * Lq, H, -1), m.transpose(0, 1).reshape(H, n * Lq)
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool):
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device, dtype=_acc_dtype(q.dtype))
+    for qi, o, m in _group_outputs(q, k, v, cu_q, cu_k, scale, causal):
+        if o is not None:  # no keys: zero output, lse -inf
+            out.index_copy_(0, qi, o.to(q.dtype))
+            lse[:, qi] = m
     return out, lse
 
 
@@ -96,28 +105,11 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
 def varlen_composite(q, k, v, cu_q, cu_k, scale: float, causal: bool) -> torch.Tensor:
     """The forward as differentiable composite PyTorch ops with no in-place writes, for callers
     under ``torch.func`` transforms (vmap, grad, jvp), which cannot see through a custom op."""
-    H = q.shape[1]
-    acc = _acc_dtype(q.dtype)
-    outs, rows = [], []
-    for (Lq, Lk), starts in _groups(cu_q, cu_k).items():
-        n = len(starts)
-        qi = _rows([s for s, _ in starts], Lq, q.device)
+    rows, outs = [], []
+    for qi, o, _ in _group_outputs(q, k, v, cu_q, cu_k, scale, causal):
         rows.append(qi)
-        if Lk == 0:  # no keys: zero rows
-            outs.append(q.new_zeros(n * Lq, H, q.shape[2]))
-            continue
-        ki = _rows([s for _, s in starts], Lk, q.device)
-        qb = _gather(q, qi, n, Lq, H).to(acc)
-        kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
-        s = (qb * scale) @ kb.transpose(-1, -2)
-        if causal:
-            s = s.masked_fill(~causal_mask(Lq, Lk, q.device), float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        if causal:
-            p = p.nan_to_num(0.0)
-        outs.append((p @ vb).transpose(1, 2).reshape(n * Lq, H, -1).to(q.dtype))
+        outs.append(q.new_zeros(qi.numel(), *q.shape[1:]) if o is None else o.to(q.dtype))
     if not outs:
         return q.new_zeros(q.shape)
     # Rows of zero-length query sequences do not exist, so the groups cover every row once.
-    order = torch.cat(rows)
-    return torch.cat(outs).index_select(0, torch.argsort(order))
+    return torch.cat(outs).index_select(0, torch.argsort(torch.cat(rows)))
