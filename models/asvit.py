@@ -41,7 +41,7 @@ from torch import nn
 from asvit_kernels.ops import varlen_attention
 
 from .genotype import Genotype
-from .vit import DropPath, Mlp
+from .vit import DropPath, Mlp, init_linear_and_norm
 
 __all__ = ["AsViT", "WindowAttention", "window_layout", "same_padding", "merged_side"]
 
@@ -100,17 +100,6 @@ def window_layout(height: int, width: int, win_h: int, win_w: int, batch: int,
         return None, None, cu, max_len
     perm = torch.argsort(window_id * n + torch.arange(n))      # stable order: window, then row-major
     return perm.to(device), torch.argsort(perm).to(device), cu, max_len
-
-
-def _init_weights(m: nn.Module) -> None:
-    """Linear: trunc_normal(std .02), bias 0; LayerNorm: 1 / 0. Conv2d keeps PyTorch's default."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -281,7 +270,7 @@ class AsViT(_Normed):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Sequential(nn.Linear(self.num_features, self.num_features), nn.Tanh(),
                                   nn.Linear(self.num_features, num_classes)) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_linear_and_norm)  # Conv2d keeps PyTorch's default
         self.stage_grids(self.img_size)  # the configured size must be usable
 
     @classmethod

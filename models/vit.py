@@ -78,6 +78,17 @@ class _Packing(NamedTuple):
     num_samples: int
 
 
+def init_linear_and_norm(m: nn.Module) -> None:
+    """timm's ViT init of one module: Linear trunc_normal(std .02), bias 0; LayerNorm 1 / 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a residual branch per sample with probability ``drop_prob`` (training
     only), scaling kept ones by 1 / (1 - drop_prob). Packed input draws one decision per sample."""
@@ -259,14 +270,8 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # pre-order, as timm draws them
+            init_linear_and_norm(m)
 
     @property
     def drop_path_rate(self) -> float:
