@@ -2,15 +2,14 @@
 selection with its tie rule, the family, resumption (in-process, mid-step, SIGKILL), real indicators."""
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from _kill_runner import kill_when
 from _search_fakes import FakeEvaluate
 from _search_runner import SETTINGS, run_scaling, scaling_json
 
@@ -159,23 +158,10 @@ def test_sigkill_and_restart_matches_uninterrupted(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out.json"
     cmd = [sys.executable, str(RUNNER), "scaling", str(run_dir), str(out)]
     state = run_dir / "scaling_state.pt"
-    log = open(tmp_path / "runner.log", "wb")
-    proc = subprocess.Popen(cmd + ["--delay", "0.05"], stderr=log)
-    try:
-        end = time.monotonic() + 60
-        # kill inside step 2, after some of its candidates were measured
-        while not (state.exists() and (lambda s: s["step"] >= 2 and len(s["pending"]) >= 2)(torch_load(state))):
-            assert proc.poll() is None, (tmp_path / "runner.log").read_text()
-            assert time.monotonic() < end, "the runner never got into step 2"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
-    killed = torch_load(state)
+    # kill inside step 2, after some of its candidates were measured
+    killed = kill_when(cmd + ["--delay", "0.05"], state, lambda st: st["step"] >= 2 and len(st["pending"]) >= 2,
+                       tmp_path / "runner.log")
+    assert not out.exists()
     assert not killed["stop_reason"] and killed["pending"]
     subprocess.run(cmd, check=True, timeout=120)
     got = json.loads(out.read_text())

@@ -2,15 +2,14 @@
 determinism, and resumption (in-process, after an exception, after SIGKILL of a subprocess)."""
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from _kill_runner import kill_when
 from _search_fakes import FakeEvaluate
 from _search_runner import SETTINGS, run_topology, topology_json
 
@@ -199,35 +198,13 @@ def test_resume_rejects_other_settings(tmp_path):
         run_topology(tmp_path, FakeEvaluate(), lr=0.1)
 
 
-def _wait_for_step(path: Path, proc: subprocess.Popen, k: int, timeout: float = 60.0) -> int:
-    """Poll the state file until it records step >= k; returns that step."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"runner exited early ({proc.returncode}): {path.parent.parent / 'runner.log'}")
-        if path.exists():
-            step = torch_load(path)["step"]
-            if step >= k:
-                return step
-        time.sleep(0.02)
-    raise AssertionError(f"no step >= {k} in {path} after {timeout}s")
-
-
 def test_sigkill_and_restart_matches_uninterrupted(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out.json"
     cmd = [sys.executable, str(RUNNER), "topology", str(run_dir), str(out)]
-    log = open(tmp_path / "runner.log", "wb")
-    proc = subprocess.Popen(cmd + ["--delay", "0.1"], stderr=log)
-    try:
-        _wait_for_step(run_dir / "topology_state.pt", proc, 3)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
-    killed_at = torch_load(run_dir / "topology_state.pt")["step"]
+    killed = kill_when(cmd + ["--delay", "0.1"], run_dir / "topology_state.pt", lambda st: st["step"] >= 3,
+                       tmp_path / "runner.log")
+    assert not out.exists()
+    killed_at = killed["step"]
     assert 3 <= killed_at < SETTINGS["topology"]["steps"]
     subprocess.run(cmd, check=True, timeout=120)
     got = json.loads(out.read_text())
