@@ -195,7 +195,7 @@ class Block(_Normed):
         self.attn = WindowAttention(dim, num_heads, split, backend=backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, expansion * dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)  # always a DropPath: set_drop_path changes its rate
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self._norm(self.norm1, x)))
@@ -222,6 +222,11 @@ def _check_int(value, name: str, low: int = 1) -> int:
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def _drop_path_rates(rate: float, n: int) -> list[float]:
+    """linspace(0, rate, n): block j of n gets rate * j / (n - 1)."""
+    return [float(rate) * j / max(1, n - 1) for j in range(n)]
 
 
 def _size_pair(value, name: str) -> tuple[int, int]:
@@ -254,7 +259,7 @@ class AsViT(_Normed):
         g = genotype
         widths, heads = g.widths, g.stage_heads
         total = sum(g.depths)
-        rates = [drop_path_rate * j / max(1, total - 1) for j in range(total)]  # linspace(0, rate, total)
+        rates = _drop_path_rates(drop_path_rate, total)
         stages = []
         for i in range(4):
             if i == 0:
@@ -267,6 +272,7 @@ class AsViT(_Normed):
             stages.append(Stage(tokenizer, blocks))
         self.stages = nn.ModuleList(stages)
         self.num_features = widths[-1]
+        self._drop_path_rate = float(drop_path_rate)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Sequential(nn.Linear(self.num_features, self.num_features), nn.Tanh(),
                                   nn.Linear(self.num_features, num_classes)) if num_classes > 0 else nn.Identity()
@@ -347,6 +353,21 @@ class AsViT(_Normed):
         _check_int(dilation, "dilation")
         conv = self.stages[0].tokenizer.proj
         conv.stride, conv.dilation = (stride, stride), (dilation, dilation)
+        return self
+
+    @property
+    def drop_path_rate(self) -> float:
+        return self._drop_path_rate
+
+    def set_drop_path(self, rate: float) -> "AsViT":
+        """Stochastic depth ``rate`` of the last block, linear from 0 over all blocks (the released
+        rule, as at construction); training schedules change it per stage. Returns self."""
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path_rate must be a float in [0, 1), got {rate!r}")
+        blocks = [b for stage in self.stages for b in stage.blocks]
+        for blk, p in zip(blocks, _drop_path_rates(rate, len(blocks))):
+            blk.drop_path.drop_prob = p
+        self._drop_path_rate = float(rate)
         return self
 
     def set_norm(self, enabled: bool) -> "AsViT":

@@ -1,0 +1,329 @@
+"""The ``asvit`` command: ``search``, ``scale``, ``train``, ``pipeline``, ``bench``, ``info``.
+
+Every subcommand works under ``torchrun --nproc-per-node N asvit ...`` (DDP training, search
+evaluations spread over ranks); rank 0 writes files. Invalid options exit with status 2 and one
+line saying why; a non-finite training loss exits 1; a SIGTERM'd training run checkpoints and
+exits 143 (rerun the same command to continue).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import runpy
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE, EXIT_FAILED, EXIT_SIGTERM = 2, 1, 143
+BENCHES = ("elastic", "attention", "ntk", "models", "search", "kendall", "progressive")
+ARCHS = ("asvit", "vit", "vitas", "vitas-tiny")
+SCHEDULES = ("none", "retokenize", "autoprog", "autoprog-manual", "vitas")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="ImageFolder (train/<class>/*, val/<class>/*) or CIFAR-10/100 python directory; "
+                        "default: the bundled digits (32x32, 10 classes)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
+
+
+def _add_train_options(p: argparse.ArgumentParser, *, defaults_from_preset: bool) -> None:
+    d = None if defaults_from_preset else argparse.SUPPRESS
+    g = p.add_argument_group("training (default: the preset's)" if defaults_from_preset else "training")
+    g.add_argument("--epochs", type=int, default=d)
+    g.add_argument("--batch-size", type=int, default=d, help="per process")
+    g.add_argument("--lr", type=float, default=d)
+    g.add_argument("--min-lr", type=float, default=d)
+    g.add_argument("--weight-decay", type=float, default=d)
+    g.add_argument("--warmup-epochs", type=float, default=d)
+    g.add_argument("--label-smoothing", type=float, default=d)
+    g.add_argument("--clip-grad", type=float, default=d)
+    g.add_argument("--drop-path", type=float, default=d)
+    g.add_argument("--ema-decays", type=float, nargs="*", default=d)
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=d)
+    g.add_argument("--workers", type=int, default=d, dest="num_workers")
+    g.add_argument("--eval-batches", type=int, default=d)
+    g.add_argument("--checkpoint-every", type=int, default=d, help="also checkpoint every N steps")
+    g.add_argument("--tensorboard", action="store_true", default=d)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from asvit_kernels.pipeline.presets import PRESETS
+    parser = _Parser(prog="asvit", description="Search, scale and train Vision Transformers (asvit-kernels).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="build info and the devices")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("search", help="As-ViT topology search (REINFORCE on kappa and L^E)")
+    _add_data(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    _add_common(p)
+
+    p = sub.add_parser("scale", help="grow a searched topology into a family (As-ViT scaling)")
+    _add_data(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--genotype", required=True, help="the seed topology, e.g. '8,2,3|4,1,2|4,1,4|4,1,6|32'")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--param-limit", type=float, nargs=2, metavar=("STOP", "DROP"), default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train one model with a schedule (re-tokenization, AutoProg, ViTAS)")
+    _add_data(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--arch", choices=ARCHS, default="asvit")
+    p.add_argument("--genotype", default="8,2,3,2|4,1,2,2|4,1,4,3|4,1,6,2|32,32",
+                   help="As-ViT genotype (--arch asvit)")
+    p.add_argument("--embed-dim", type=int, default=192, help="--arch vit")
+    p.add_argument("--depth", type=int, default=12, help="--arch vit")
+    p.add_argument("--heads", type=int, default=3, help="--arch vit")
+    p.add_argument("--patch-size", type=int, default=4, help="--arch vit")
+    p.add_argument("--vitas-scale", type=float, default=1.0, help="--arch vitas: width scale of the ViTAS space")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="default: retokenize for asvit, autoprog for vit, vitas for vitas archs")
+    p.add_argument("--retokenize", default="paper", help="'paper', 'none' or 'FRACTION:STRIDE[:DILATION],...'")
+    p.add_argument("--autoprog-stages", type=int, default=4)
+    p.add_argument("--flops-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="--schedule vitas: the sub-network FLOPs window p_identity is calibrated to")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="training defaults")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    _add_train_options(p, defaults_from_preset=True)
+    _add_common(p)
+
+    p = sub.add_parser("pipeline", help="search -> scale -> train -> report.md (resumable)")
+    _add_data(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--search-steps", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--param-limit", type=float, nargs=2, metavar=("STOP", "DROP"), default=None)
+    p.add_argument("--member", default=None, help="family member to train: largest | smallest | index")
+    p.add_argument("--retokenize", default=None)
+    _add_train_options(p, defaults_from_preset=True)
+    _add_common(p)
+
+    p = sub.add_parser("bench", help="run a benchmark script of the source tree's bench/ directory")
+    p.add_argument("name", choices=BENCHES)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --device cuda)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _preset(args, **extra):
+    from asvit_kernels.pipeline.presets import preset
+    changes = {"search_steps": getattr(args, "steps", None) or getattr(args, "search_steps", None),
+               "repeats": getattr(args, "repeats", None), "member": getattr(args, "member", None),
+               "retokenize": getattr(args, "retokenize", None)}
+    if getattr(args, "param_limit", None) is not None:
+        changes["param_limit"] = tuple(args.param_limit)
+    return preset(args.preset).with_(**changes, **extra)
+
+
+def _train_overrides(args) -> dict[str, Any]:
+    keys = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
+            "drop_path", "amp", "num_workers", "eval_batches", "checkpoint_every", "tensorboard")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "ema_decays", None) is not None:
+        out["ema_decays"] = tuple(args.ema_decays)
+    if args.quiet:
+        out["progress"] = False
+    return out
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import asvit_kernels
+    info = asvit_kernels.build_info()
+    info["torch"] = torch.__version__
+    info["devices"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                       if torch.cuda.is_available() else ["cpu"])
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k:32s} {v}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from asvit_kernels.pipeline import run
+    from asvit_kernels.train.data import open_dataset
+    _positive(args, "steps", "repeats")
+    preset = _preset(args)
+    result = run.run_search(args.out, open_dataset(args.data, seed=args.seed), preset, seed=args.seed,
+                            progress=False if args.quiet else None)
+    print(result["genotype"])
+    return 0
+
+
+def cmd_scale(args) -> int:
+    from asvit_kernels.models.genotype import Genotype
+    from asvit_kernels.pipeline import run
+    from asvit_kernels.train.data import open_dataset
+    _positive(args, "repeats")
+    Genotype.parse(args.genotype)  # ValueError naming the field
+    result = run.run_scale(args.out, open_dataset(args.data, seed=args.seed), _preset(args), args.genotype,
+                           seed=args.seed, progress=False if args.quiet else None)
+    for a in result["family"]:
+        print(f"{a['genotype']}\t{a['params'] / 1e6:.2f}M params\tkappa {a['kappa']:.4g}\tL^E {a['length_distortion']:.4g}")
+    return 0
+
+
+def _train_model_and_strategy(args, data):
+    """(model, strategy) for ``asvit train``'s --arch / --schedule combination."""
+    import torch
+
+    from asvit_kernels.models.asvit import AsViT
+    from asvit_kernels.models.elastic_vit import ElasticViT
+    from asvit_kernels.models.genotype import Genotype
+    from asvit_kernels.models.subnet import SubnetSpace
+    from asvit_kernels.models.vit import ViT
+    from asvit_kernels.train.strategy import Strategy
+    default = {"asvit": "retokenize", "vit": "autoprog", "vitas": "vitas", "vitas-tiny": "vitas"}[args.arch]
+    schedule = args.schedule or default
+    allowed = {"asvit": ("retokenize", "none"), "vit": ("autoprog", "autoprog-manual", "none"),
+               "vitas": ("vitas",), "vitas-tiny": ("vitas",)}[args.arch]
+    if schedule not in allowed:
+        raise UsageError(f"--schedule {schedule} does not apply to --arch {args.arch} (use one of {', '.join(allowed)})")
+    size = data.image_size
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and on resume
+    if args.arch == "asvit":
+        g = Genotype.parse(args.genotype)
+        model = AsViT.from_genotype(g, num_classes=data.num_classes, img_size=size)
+        if schedule == "none":
+            return model, Strategy()
+        from asvit_kernels.train.retokenize import Retokenize, parse_stages
+        return model, Retokenize(parse_stages(args.retokenize, g.kernels[0], size))
+    if args.arch == "vit":
+        if size % args.patch_size:
+            raise UsageError(f"--patch-size {args.patch_size} must divide the image size {size}")
+        if schedule == "none":
+            return ViT(img_size=size, patch_size=args.patch_size, num_classes=data.num_classes,
+                       embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads), Strategy()
+        from asvit_kernels.train.autoprog import AutoProg, elastic_vit_for_autoprog
+        model = elastic_vit_for_autoprog(img_size=size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                                         depth=args.depth, num_heads=args.heads, num_classes=data.num_classes)
+        multiple = args.patch_size * max(1, round(size / 7 / args.patch_size))  # ~1/7 of the size, patch-aligned
+        return model, AutoProg(max_size=size, max_depth=args.depth, stages=args.autoprog_stages,
+                               search=schedule == "autoprog", size_multiple=multiple)
+    from asvit_kernels.train.vitas import SupernetTraining
+    space = SubnetSpace.tiny() if args.arch == "vitas-tiny" else SubnetSpace.vitas(args.vitas_scale)
+    model = ElasticViT(space, img_size=size, num_classes=data.num_classes, sharing="cyclic", private_qk=True)
+    rng = tuple(args.flops_range) if args.flops_range else None
+    return model, SupernetTraining(flops_range=rng)
+
+
+def cmd_train(args) -> int:
+    from asvit_kernels.pipeline import run
+    from asvit_kernels.search import distributed
+    from asvit_kernels.train.data import open_dataset
+    from asvit_kernels.train.trainer import Trainer
+    _positive(args, "epochs", "batch_size")
+    distributed.init_from_env()
+    try:
+        data = open_dataset(args.data, seed=args.seed)
+        model, strategy = _train_model_and_strategy(args, data)
+        config = run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))
+        summary = Trainer(model, data, config, strategy=strategy, run_dir=args.out).fit(resume=not args.no_resume)
+        if distributed.is_main():
+            print(json.dumps({k: v for k, v in summary.items() if k != "epochs"}, default=str))
+    finally:
+        distributed.shutdown()
+    return EXIT_SIGTERM if summary["status"] == "interrupted" else 0
+
+
+def cmd_pipeline(args) -> int:
+    from asvit_kernels.pipeline import run
+    from asvit_kernels.search import distributed
+    _positive(args, "search_steps", "repeats", "epochs", "batch_size")
+    distributed.init_from_env()
+    try:
+        results = run.run_pipeline(args.out, _preset(args), data_path=args.data, seed=args.seed,
+                                   train_overrides=_train_overrides(args),
+                                   command="asvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                                   progress=False if args.quiet else None)
+    finally:
+        distributed.shutdown()
+    train = results["train"]
+    if train["status"] != "finished":
+        return EXIT_SIGTERM
+    if distributed.is_main():
+        print(f"{args.out / 'report.md'}: {train['genotype']} top-1 {train['final_acc']:.2f}% "
+              f"(chance {train['chance_acc']:.1f}%)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    if not script.exists():
+        raise UsageError(f"bench scripts ship with the source tree, not the wheel: {script} not found "
+                         f"(clone the repository and pip install -e .)")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "search": cmd_search, "scale": cmd_scale, "train": cmd_train,
+            "pipeline": cmd_pipeline, "bench": cmd_bench}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from asvit_kernels.train.trainer import NonFiniteLossError
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if getattr(args, "quiet", False):
+            os.environ.setdefault("TQDM_DISABLE", "1")
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
+        # Library validation errors name the argument or path: the reason, not a traceback
+        # (ASVIT_DEBUG=1 shows the traceback).
+        if os.environ.get("ASVIT_DEBUG"):
+            raise
+        print(f"asvit: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as e:
+        print(f"asvit: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

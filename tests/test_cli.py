@@ -1,0 +1,85 @@
+"""The ``asvit`` command: bad input exits 2 with one line, ``info``, and the quick pipeline cut down
+to seconds writes its report and resumes without redoing finished stages."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from asvit_kernels import cli
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "command"),
+    (["frobnicate"], "frobnicate"),
+    (["train"], "--out"),
+    (["pipeline", "--out", "x", "--preset", "huge"], "huge"),
+    (["pipeline", "--out", "x", "--epochs", "0"], "--epochs"),
+    (["pipeline", "--out", "x", "--epochs", "two"], "two"),
+    (["search", "--out", "x", "--steps", "-3"], "--steps"),
+    (["bench", "nope"], "nope"),
+])
+def test_bad_options_exit_2_with_one_line(argv, needle, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_missing_data_path_names_the_path_and_layouts(tmp_path, capsys):
+    missing = tmp_path / "no-such-dir"
+    code, _, err = run(["train", "--out", str(tmp_path / "r"), "--data", str(missing), "--quiet"], capsys)
+    assert code == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
+
+
+def test_schedule_that_does_not_fit_the_arch(tmp_path, capsys):
+    code, _, err = run(["train", "--out", str(tmp_path / "r"), "--arch", "asvit", "--schedule", "vitas", "--quiet"],
+                       capsys)
+    assert code == 2 and "--schedule vitas" in err
+
+
+def test_bad_genotype_is_a_usage_error(tmp_path, capsys):
+    code, _, err = run(["scale", "--out", str(tmp_path / "s"), "--genotype", "8,2|oops", "--quiet"], capsys)
+    assert code == 2 and "genotype" in err.lower()
+
+
+def test_info_json(capsys):
+    code, out, _ = run(["info", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and "version" in info and info["devices"]
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "asvit_kernels.cli", "pipeline", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--preset" in r.stdout and "--data" in r.stdout
+
+
+def test_quick_pipeline_cut_down_writes_report_and_resumes(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    argv = ["pipeline", "--out", str(out), "--search-steps", "4", "--repeats", "1", "--epochs", "2",
+            "--param-limit", "2.5e6", "3.5e6", "--quiet"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    report = (out / "report.md").read_text()
+    assert "## Scaled family" in report and "## Training" in report
+    for name in ("search", "family", "training"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train = json.loads((out / "train" / "result.json").read_text())
+    assert train["status"] == "finished" and train["final_acc"] > train["chance_acc"]
+    family = json.loads((out / "scale" / "result.json").read_text())["family"]
+    assert family[-1]["genotype"] == train["genotype"]  # "largest": the last scaling step
+    # Rerun: every stage is finished, so nothing is recomputed and the report is the same.
+    stamp = (out / "train" / "result.json").stat().st_mtime_ns
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert (out / "train" / "result.json").stat().st_mtime_ns == stamp
+    # Other settings in the same run directory are refused.
+    code, _, err = run(argv[:-1] + ["--lr", "0.5", "--quiet"], capsys)
+    assert code == 2 and "other settings" in err

@@ -1,0 +1,138 @@
+"""The pipeline report: markdown sections and tables, PNG plots, missing sections, inf kappa, atomicity."""
+import math
+import re
+
+import pytest
+
+from asvit_kernels.pipeline.report import format_seconds, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+GENO = "3,2,4|5,1,2|7,4,4|3,2,2|4"
+TRAINED = "3,2,4,2|5,1,2,2|7,4,4,4|3,2,2,2|4,64"
+
+
+def _results(kappa_special=None):
+    history = [{"step": i, "genotype": GENO if i % 2 else "3,1,1|3,1,1|3,1,1|3,1,1|2",
+                "kappa": 100.0 * (i + 1), "length_distortion": 0.5 + 0.1 * i, "reward": 0.1 * i - 0.2,
+                "baseline": 0.05 * i, "entropy": 1.5 - 0.1 * i, "cached": i == 3} for i in range(6)]
+    family = [{"step": s, "genotype": TRAINED, "depths": [1 + s, 1, 2, 1], "hidden": 32 * (1 + s),
+               "params": 250_000 * (1 + s), "flops": 40_000_000 * (1 + s), "kappa": 300.0 / (1 + s),
+               "length_distortion": 1.0 + 0.2 * s} for s in range(4)]
+    if kappa_special is not None:
+        history[2]["kappa"] = kappa_special
+        family[1]["kappa"] = kappa_special
+    stages = ["retokenize", "retokenize", "retokenize", "base", "base", "progressive"]
+    metrics = [{"epoch": e, "train_loss": 2.0 / (e + 1), "val_loss": 2.2 / (e + 1), "val_acc": 40.0 + 9 * e,
+                "val_acc_ema": None if e == 0 else 38.0 + 9.5 * e, "lr": 1e-3 * (1 - e / 6), "seconds": 4.5,
+                "images_per_s": 1234.5, "stage": stages[e]} for e in range(6)]
+    return {
+        "title": "asvit pipeline: quick preset on digits", "preset": "quick",
+        "command": "asvit pipeline --preset quick --data digits --out runs/q",
+        "machine": "CPU (2 threads), torch 2.13.0",
+        "data": {"name": "digits", "num_classes": 10, "train": 1437, "val": 360, "image_size": 32},
+        "search": {"genotype": GENO, "steps": 6, "seconds": 12.3, "history": history},
+        "scaling": {"seconds": 45.0, "stop_reason": "params budget reached", "chosen": 2, "family": family},
+        "train": {"genotype": TRAINED, "params": 750_000, "flops": 120_000_000, "epochs": 6, "seconds": 27.0,
+                  "schedule": "retokenize: [0, 0.5) stride 16 dil 5; base; progressive", "final_acc": 85.0,
+                  "final_acc_ema": 85.5, "best_acc": 86.1, "chance_acc": 10.0, "metrics": metrics},
+        "stages": {"search": 12.3, "scale": 45.0, "train": 3725.0},
+    }
+
+
+def _norm(text):
+    return re.sub(r" +", " ", text)
+
+
+def _section(text, title):
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def _check_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1024
+
+
+def test_full_report(tmp_path):
+    path = write_report(tmp_path, _results())
+    assert path == tmp_path / "report.md"
+    text = path.read_text()
+    norm = _norm(text)
+    assert text.startswith("# asvit pipeline: quick preset on digits\n")
+    assert "asvit pipeline --preset quick --data digits --out runs/q" in text
+    assert "CPU (2 threads), torch 2.13.0" in text
+    assert "digits - 10 classes, 1,437 train / 360 val images, 32x32 px" in text
+    assert f"`{TRAINED}`" in text and f"`{GENO}`" in text
+    chosen = _section(text, "Chosen architecture")
+    assert "0.75 M" in chosen and "120.00 M" in chosen and "85.00 %" in chosen and "EMA 85.50 %" in chosen
+    assert "86.10 %" in chosen and "10.00 %" in chosen
+    for header in ("| stage | seconds | minutes | time |",
+                   "| step | genotype | depths | hidden | params (M) | MACs (G) | kappa | L^E |",
+                   "| epoch | stage | lr | train loss | val loss | val top-1 | EMA top-1 | images/s | seconds |"):
+        assert header in norm
+    for name in ("search", "family", "training"):
+        assert f"![{name}](plots/{name}.png)" in text
+        _check_png(tmp_path / "plots" / f"{name}.png")
+    wall = _section(text, "Wall-clock")
+    assert "1 h 02 min" in wall and "3782.3" in wall  # train stage; total
+    # trained member marked, genotype pipes escaped inside the table
+    fam = _section(text, "Scaled family")
+    marked = [ln for ln in fam.splitlines() if "-> 2" in ln]
+    assert len(marked) == 1 and TRAINED.replace("|", "\\|") in marked[0]
+    assert "params budget reached" in fam
+    # every table line of a table has its pipes at the same columns
+    for block in re.findall(r"(?:^\|.*\n)+", text, flags=re.M):
+        lines = block.splitlines()
+        assert len({len(ln) for ln in lines}) == 1, block
+    assert "retokenize: [0, 0.5) stride 16 dil 5" in _section(text, "Training")
+
+
+def test_inf_and_nan_kappa(tmp_path):
+    text = write_report(tmp_path, _results(math.inf)).read_text()
+    assert "| inf |" in _norm(_section(text, "Scaled family"))
+    assert "kappa = inf" in _section(text, "Topology search")
+    for name in ("search", "family"):
+        _check_png(tmp_path / "plots" / f"{name}.png")
+    # the chosen member itself degenerate, and a NaN, must not crash either
+    r = _results(math.nan)
+    r["scaling"]["family"][2]["kappa"] = math.inf
+    r["search"]["history"][0]["kappa"] = math.inf
+    text = write_report(tmp_path / "nan", r).read_text()
+    assert "nan" in _section(text, "Scaled family") and "inf" in _section(text, "Scaled family")
+    _check_png(tmp_path / "nan" / "plots" / "family.png")
+
+
+def test_only_data_and_train(tmp_path):
+    full = _results()
+    text = write_report(tmp_path, {"data": full["data"], "train": full["train"]}).read_text()
+    for title in ("Topology search", "Scaled family"):
+        assert "not run" in _section(text, title).lower()
+    assert "| search | not run | not run |" in _norm(text) and "| train | 27.0 |" in _norm(text)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["training.png"]
+    assert "plots/search.png" not in text and "plots/family.png" not in text
+    assert TRAINED in text
+
+
+def test_empty_lists_and_empty_results(tmp_path):
+    r = _results()
+    r["search"]["history"], r["scaling"]["family"], r["train"]["metrics"] = [], [], []
+    text = write_report(tmp_path, r).read_text()
+    assert GENO in text and not (tmp_path / "plots").exists()
+    text = write_report(tmp_path / "bare", {}).read_text()
+    for title in ("Chosen architecture", "Topology search", "Scaled family", "Training"):
+        assert "not run" in _section(text, title).lower()
+
+
+def test_atomic_no_leftovers(tmp_path):
+    write_report(str(tmp_path), _results())
+    write_report(tmp_path, _results())  # overwrite in place
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "report.md"]
+
+
+@pytest.mark.parametrize("s, expected", [
+    (0, "0.0 s"), (4.2, "4.2 s"), (59.94, "59.9 s"), (59.96, "1 min 00 s"), (192, "3 min 12 s"),
+    (3599.4, "59 min 59 s"), (3599.6, "1 h 00 min"), (3725, "1 h 02 min"), (90061, "25 h 01 min"),
+])
+def test_format_seconds(s, expected):
+    assert format_seconds(s) == expected
