@@ -41,7 +41,7 @@ from torch import nn
 from asvit_kernels.ops import varlen_attention
 
 from .genotype import Genotype
-from .vit import DropPath, Mlp, init_linear_and_norm
+from .vit import DropPath, DropPathRate, Mlp, drop_path_rates, init_linear_and_norm
 
 __all__ = ["AsViT", "WindowAttention", "window_layout", "same_padding", "merged_side"]
 
@@ -224,11 +224,6 @@ def _check_int(value, name: str, low: int = 1) -> int:
     return value
 
 
-def _drop_path_rates(rate: float, n: int) -> list[float]:
-    """linspace(0, rate, n): block j of n gets rate * j / (n - 1)."""
-    return [float(rate) * j / max(1, n - 1) for j in range(n)]
-
-
 def _size_pair(value, name: str) -> tuple[int, int]:
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2:
@@ -236,7 +231,7 @@ def _size_pair(value, name: str) -> tuple[int, int]:
     return _check_int(pair[0], name), _check_int(pair[1], name)
 
 
-class AsViT(_Normed):
+class AsViT(DropPathRate, _Normed):
     """As-ViT: four stages of window-attention blocks on a grid halved between stages.
 
     ``forward_features(x)``: (B, in_chans, H, W) -> (B, C_last), the global average pool of the
@@ -259,7 +254,7 @@ class AsViT(_Normed):
         g = genotype
         widths, heads = g.widths, g.stage_heads
         total = sum(g.depths)
-        rates = _drop_path_rates(drop_path_rate, total)
+        rates = drop_path_rates(drop_path_rate, total)
         stages = []
         for i in range(4):
             if i == 0:
@@ -355,17 +350,13 @@ class AsViT(_Normed):
         conv.stride, conv.dilation = (stride, stride), (dilation, dilation)
         return self
 
-    @property
-    def drop_path_rate(self) -> float:
-        return self._drop_path_rate
-
     def set_drop_path(self, rate: float) -> "AsViT":
         """Stochastic depth ``rate`` of the last block, linear from 0 over all blocks (the released
         rule, as at construction); training schedules change it per stage. Returns self."""
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise ValueError(f"drop_path_rate must be a float in [0, 1), got {rate!r}")
         blocks = [b for stage in self.stages for b in stage.blocks]
-        for blk, p in zip(blocks, _drop_path_rates(rate, len(blocks))):
+        for blk, p in zip(blocks, drop_path_rates(rate, len(blocks))):
             blk.drop_path.drop_prob = p
         self._drop_path_rate = float(rate)
         return self

@@ -11,6 +11,7 @@ with the same outputs; ``load_subnet`` writes a dense ``ViT`` back into the slic
 """
 from __future__ import annotations
 
+import numbers
 import re
 from typing import NamedTuple, Optional, Sequence
 
@@ -24,7 +25,7 @@ from asvit_kernels.ranges import Range, channel_indices
 
 from .growth import new_layer_sources
 from .subnet import SHARING_RULES, Sharing, SubnetConfig, SubnetSpace, sample_subnet, subnet_flops, width_range
-from .vit import ViT, resample_pos_embed
+from .vit import DropPath, DropPathRate, ViT, drop_path_rates, resample_pos_embed
 
 __all__ = ["ElasticViT", "ElasticBlock", "ElasticAttention", "SubnetRanges"]
 
@@ -109,7 +110,8 @@ class ElasticAttention(nn.Module):
 
 
 class ElasticBlock(nn.Module):
-    """Pre-norm block ``x + attn(norm1(x))``, ``x + fc2(gelu(fc1(norm2(x))))`` over ``(B, N, d)``."""
+    """Pre-norm block ``x + drop(attn(norm1(x)))``, ``x + drop(fc2(gelu(fc1(norm2(x)))))`` over
+    ``(B, N, d)``; ``drop`` is stochastic depth (``vit.DropPath``, rate set by the supernet)."""
 
     def __init__(self, dim: int, qkv_dim: int, mlp_dim: int, head_choices: Sequence[int], qkv_bias: bool,
                  private_qk: bool, norm_eps: float, backend: Optional[str]):
@@ -119,6 +121,7 @@ class ElasticBlock(nn.Module):
         self.norm2 = ElasticLayerNorm(dim, eps=norm_eps, backend=backend)
         self.mlp = nn.ModuleDict({"fc1": ElasticLinear(dim, mlp_dim, backend=backend),
                                   "fc2": ElasticLinear(mlp_dim, dim, backend=backend)})
+        self.drop_path1, self.drop_path2 = DropPath(), DropPath()
 
     def set_subnet(self, embed: Range, qkv: Range, num_heads: int, mlp: Range) -> None:
         self.norm1.set_range(embed)
@@ -128,8 +131,8 @@ class ElasticBlock(nn.Module):
         self.mlp["fc2"].set_range(mlp, embed)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](self.norm2(x))))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp["fc2"](F.gelu(self.mlp["fc1"](self.norm2(x)))))
 
 
 class _Slice(NamedTuple):
@@ -142,7 +145,7 @@ class _Slice(NamedTuple):
     index: tuple[Optional[Tensor], ...]
 
 
-class ElasticViT(nn.Module):
+class ElasticViT(DropPathRate, nn.Module):
     """ViTAS / AutoProg super-transformer over a ``SubnetSpace``.
 
     Args:
@@ -153,20 +156,24 @@ class ElasticViT(nn.Module):
         sharing: "first" | "last" | "cyclic": which channels a width uses (``subnet.width_range``),
             the same rule for every elastic dimension (embed, per-layer q/k/v, per-layer MLP).
         private_qk: ViTAS private attention maps (one q/k projection per heads choice).
+        drop_path_rate: stochastic depth (training mode only) of the last ACTIVE block: active
+            block i of a depth-d sub-network gets ``rate * i / max(1, d - 1)`` (timm's linear
+            rule over the active depth, recomputed by every ``set_subnet``); inactive slots get 0.
+            Settable later: ``set_drop_path`` or ``model.drop_path_rate = r``. Default 0 (none).
 
     Parameters (timm-like names): ``patch_embed[str(p)]`` (an ElasticLinear ``C*p*p -> D_max`` on
     unfolded patches: Conv2d's weight ``(D, C, p, p)`` flattened), ``cls_token[str(p)] (1, 1, D_max)``,
     ``pos_embed[str(p)] (1, 1 + (img/p)^2, D_max)``, ``blocks[i]`` (norm1, attn, norm2, mlp.fc1,
     mlp.fc2), ``norm``, ``head``. Init as ``ViT``'s (timm): Linear trunc_normal(.02) / bias 0,
     position embeddings trunc_normal(.02), class tokens normal(1e-6), LayerNorm 1/0, patch embedding
-    PyTorch's Conv2d default. No dropout or drop path; class-token pooling only.
+    PyTorch's Conv2d default. No dropout; drop path per ``drop_path_rate``; class-token pooling only.
 
     The forward runs the sub-network last given to ``set_subnet`` (initially ``space.largest()``).
     """
 
     def __init__(self, space: SubnetSpace, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  qkv_bias: bool = True, *, sharing: Sharing = "first", private_qk: bool = False, norm_eps: float = 1e-6,
-                 backend: Optional[str] = None):
+                 drop_path_rate: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(space, SubnetSpace):
             raise TypeError(f"space must be a SubnetSpace, got {type(space).__name__}")
@@ -195,6 +202,8 @@ class ElasticViT(nn.Module):
         self.norm = ElasticLayerNorm(D, eps=norm_eps, backend=backend)
         self.head = ElasticLinear(D, num_classes, backend=backend)
         self.init_weights()
+        self._drop_path_rate = 0.0
+        self.set_drop_path(drop_path_rate)
         self.set_subnet(space.largest())
 
     def init_weights(self) -> None:
@@ -218,6 +227,22 @@ class ElasticViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith(("pos_embed.", "cls_token."))}
 
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth ``rate`` (in [0, 1]) for the last active block, linear from 0 at the
+        first over the active depth d (``rate * i / max(1, d - 1)``); slots past d get 0. The rate
+        is kept: ``set_subnet`` re-spreads it over the new depth."""
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1], got {rate!r}")
+        self._drop_path_rate = float(rate)
+        self._spread_drop_path()
+
+    def _spread_drop_path(self) -> None:
+        cfg = getattr(self, "config", None)
+        d = len(self.blocks) if cfg is None else cfg.depth
+        rates = drop_path_rates(self._drop_path_rate, d) + [0.0] * (len(self.blocks) - d)
+        for blk, p in zip(self.blocks, rates):
+            blk.drop_path1.drop_prob = blk.drop_path2.drop_prob = p
+
     # ------------------------------------------------------------------ sub-networks
 
     def channel_ranges(self, config: SubnetConfig) -> SubnetRanges:
@@ -240,6 +265,7 @@ class ElasticViT(nn.Module):
         self.norm.set_range(r.embed)
         self.head.set_range(r.embed, None)
         self.config, self.ranges = cfg, r
+        self._spread_drop_path()
         return cfg
 
     def sample_subnet(self, generator: Optional[torch.Generator] = None, space: Optional[SubnetSpace] = None,
@@ -327,7 +353,8 @@ class ElasticViT(nn.Module):
         return ViT(img_size=self.img_size, patch_size=cfg.patch_size, in_chans=self.in_chans,
                    num_classes=self.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=list(cfg.heads),
                    qkv_bias=self.qkv_bias, attn_dims=list(cfg.qkv_dim), mlp_dims=list(cfg.mlp_dim), class_token=True,
-                   global_pool="token", norm_eps=self.norm_eps, backend=self.backend)
+                   global_pool="token", drop_path_rate=self._drop_path_rate, norm_eps=self.norm_eps,
+                   backend=self.backend)
 
     @torch.no_grad()
     def extract_subnet(self, config: SubnetConfig) -> ViT:

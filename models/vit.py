@@ -89,6 +89,24 @@ def init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic depth per block, timm's linear rule: block i of n gets ``rate * i / (n - 1)``."""
+    return [float(rate) * i / max(1, n - 1) for i in range(n)]
+
+
+class DropPathRate:
+    """``model.drop_path_rate`` (read, or assign to call ``set_drop_path``) for models that keep
+    their rate in ``_drop_path_rate``."""
+
+    @property
+    def drop_path_rate(self) -> float:
+        return self._drop_path_rate
+
+    @drop_path_rate.setter
+    def drop_path_rate(self, rate: float) -> None:
+        self.set_drop_path(rate)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a residual branch per sample with probability ``drop_prob`` (training
     only), scaling kept ones by 1 / (1 - drop_prob). Packed input draws one decision per sample."""
@@ -189,7 +207,7 @@ def resample_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: t
 # ----------------------------------------------------------------------------- the model
 
 
-class ViT(nn.Module):
+class ViT(DropPathRate, nn.Module):
     """Vision Transformer (ViT / DeiT), timm's parameter layout, with optional per-layer widths.
 
     Args:
@@ -273,22 +291,12 @@ class ViT(nn.Module):
         for m in self.modules():  # pre-order, as timm draws them
             init_linear_and_norm(m)
 
-    @property
-    def drop_path_rate(self) -> float:
-        return self._drop_path_rate
-
-    @drop_path_rate.setter
-    def drop_path_rate(self, rate: float) -> None:
-        self.set_drop_path(rate)
-
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth ``rate`` for the last block, linear from 0 at the first (timm's rule)."""
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1], got {rate!r}")
         self._drop_path_rate = float(rate)
-        n = len(self.blocks)
-        for i, blk in enumerate(self.blocks):
-            p = float(rate) * i / (n - 1) if n > 1 else 0.0
+        for blk, p in zip(self.blocks, drop_path_rates(rate, len(self.blocks))):
             blk.drop_path1.drop_prob = blk.drop_path2.drop_prob = p
 
     def no_weight_decay(self) -> set[str]:

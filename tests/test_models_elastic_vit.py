@@ -296,3 +296,41 @@ def test_subnet_flops_hand_count_and_flop_counter():
     with FlopCounterMode(display=False) as fc:
         m(torch.randn(1, 3, 32, 32))
     assert fc.get_total_flops() == 2 * hand
+
+
+def test_drop_path_spreads_over_the_active_depth_and_is_validated():
+    m = ElasticViT(SPACE, img_size=32, num_classes=10, drop_path_rate=0.3)
+    assert m.drop_path_rate == 0.3
+    probs = lambda: [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in m.blocks]  # noqa: E731
+    assert probs() == [(0.3 * i / 3,) * 2 for i in range(4)]
+    m.set_subnet(sample_subnet(torch.Generator().manual_seed(0), SubnetSpace(
+        (8,), (48,), (2,), (4,), (32,), (96,))))  # depth 2 of the 4 slots
+    assert probs() == [(0.0, 0.0), (0.3, 0.3), (0.0, 0.0), (0.0, 0.0)]
+    m.set_drop_path(0.1)  # kept across set_subnet, re-spread over the new depth
+    m.set_subnet(SPACE.largest())
+    assert probs() == [(0.1 * i / 3,) * 2 for i in range(4)]
+    m.drop_path_rate = 0.0
+    assert all(p == (0.0, 0.0) for p in probs())
+    for bad in (-0.1, 1.5, True, "0.1", None):
+        with pytest.raises(ValueError, match="drop_path_rate"):
+            m.set_drop_path(bad)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        ElasticViT(SPACE, img_size=32, num_classes=10, drop_path_rate=2.0)
+    assert m.extract_subnet(SPACE.largest()).drop_path_rate == 0.0
+
+
+def test_drop_path_acts_only_in_training_mode():
+    m0 = supernet(seed=1)
+    m = supernet(seed=1)
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    m0.train()
+    m.train()
+    m.set_drop_path(0.0)
+    torch.manual_seed(0)
+    assert torch.equal(m(x), m0(x))  # rate 0: unchanged, even in training mode
+    m.set_drop_path(0.9)
+    m.eval()
+    assert torch.equal(m(x), m0(x))  # eval mode ignores drop path
+    m.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(m(x), m0(x))
