@@ -38,6 +38,15 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module (training tests: many short runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """Real indicators on one thread (as torchrun's ranks run): on a loaded 2-core machine two

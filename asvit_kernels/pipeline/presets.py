@@ -2,7 +2,7 @@
 and ``paper`` (As-ViT's published settings for ImageNet on GPUs)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 __all__ = ["Preset", "PRESETS", "preset"]
@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
     # Sized so search + scaling + training of a ~4M-parameter member finish in a few minutes on a
     # 2-core CPU (README: measured times) and clearly beat chance (10%) on digits.
     "quick": Preset(name="quick", search_steps=60, repeats=2, kappa_batch=16, scale_hidden=8,
-                    param_limit=(4e6, 6e6), member="largest", retokenize="paper", epochs=30, batch_size=64,
+                    param_limit=(4e6, 6e6), member="largest", retokenize="paper", epochs=20, batch_size=64,
                     lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1, clip_grad=5.0,
                     drop_path=0.0, ema_decays=(0.998,), crop_scale=(0.6, 1.0),
                     notes="bundled digits (32x32), CPU minutes"),

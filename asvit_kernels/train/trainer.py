@@ -31,12 +31,13 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -229,6 +230,7 @@ class Trainer:
         self._tb = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._loss_n = 0
+        self._epoch_loss, self._epoch_n = 0.0, 0  # this epoch's loss so far (kept across a resume)
 
     # ------------------------------------------------------------------ for strategies
 
@@ -287,7 +289,7 @@ class Trainer:
                 self._check_fresh()
             self._write_run_info()
             self._open_tensorboard()
-        if not resumed:
+        if not resumed and self.step == 0:
             torch.manual_seed(_mix(cfg.seed, 7919, self.rank))  # drop path draws: per rank, reproducible
         self._wrap_ddp()
         self.strategy.on_train_start(self, resumed=resumed)
@@ -328,7 +330,9 @@ class Trainer:
                               num_workers=cfg.num_workers)
         bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not distributed.show_progress(cfg.progress), leave=False)
-        t0, images_seen, epoch_loss, epoch_n = time.perf_counter(), 0, 0.0, 0
+        t0, images_seen = time.perf_counter(), 0
+        if start == 0:
+            self._epoch_loss, self._epoch_n = 0.0, 0
         for x, y in it:
             k = self.step_in_epoch
             gen = torch.Generator().manual_seed(_mix(cfg.seed, epoch, k, 1))
@@ -350,11 +354,7 @@ class Trainer:
             synced = self.step_in_epoch % cfg.log_every == 0
             value = float("nan")
             if synced:
-                mean = self._check_loss()
-                value = mean
-                epoch_loss, epoch_n = epoch_loss + mean * self._loss_n, epoch_n + self._loss_n
-                self._loss_sum.zero_()
-                self._loss_n = 0
+                value = mean = self._sync_loss()
                 rate_now = images_seen / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate_now:.0f}",
                                 eta=_eta(self, rate_now))
@@ -362,25 +362,24 @@ class Trainer:
             bar.update(1)
             if self._stop_requested(sigterm):
                 bar.close()
-                self._check_loss()
+                self._sync_loss()
                 self._save()
                 return False
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
-                self._check_loss()
+                self._sync_loss()
                 self._save()
         bar.close()
-        if self._loss_n:
-            mean = self._check_loss()
-            epoch_loss, epoch_n = epoch_loss + mean * self._loss_n, epoch_n + self._loss_n
-            self._loss_sum.zero_()
-            self._loss_n = 0
+        self._sync_loss()
         seconds = time.perf_counter() - t0
         self.strategy.on_epoch_end(self, epoch)
-        record = {"kind": "epoch", "epoch": epoch, "train_loss": epoch_loss / max(1, epoch_n), **self._evaluate(),
+        record = {"kind": "epoch", "epoch": epoch, "train_loss": self._epoch_loss / max(1, self._epoch_n), **self._evaluate(),
                   "lr": self.optimizer.param_groups[0]["lr"], "drop_path": rate, "seconds": seconds,
                   "images_per_s": images_seen * self.world / max(seconds, 1e-9),
                   "stage": _stage_text(self.strategy.describe())}
+        if not math.isfinite(record["val_loss"]):  # the last step's update can break weights a finite loss missed
+            raise NonFiniteLossError(f"validation loss became {record['val_loss']} after epoch {epoch + 1}: stopping. "
+                                     f"{latest_text(self.run_dir)}")
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.log(record)
         log.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%% (EMA %s), %.0f img/s", epoch + 1, cfg.epochs,
@@ -407,6 +406,17 @@ class Trainer:
         for e in self.emas:
             e.update(self.model)
         return loss
+
+    def _sync_loss(self) -> float:
+        """Check the loss since the last sync (``_check_loss``) and add it to the epoch's total."""
+        if not self._loss_n:
+            return float("nan")
+        mean = self._check_loss()
+        self._epoch_loss += mean * self._loss_n
+        self._epoch_n += self._loss_n
+        self._loss_sum.zero_()
+        self._loss_n = 0
+        return mean
 
     def _check_loss(self) -> float:
         """Mean loss since the last check (over ranks); NonFiniteLossError when it is not finite."""
@@ -510,6 +520,11 @@ class Trainer:
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():
                 metrics.unlink()  # a fresh run (resume=False, or no checkpoint) starts its log over
+            # ... and must never be resumed into the discarded run's checkpoints or final weights.
+            shutil.rmtree(ckpt.checkpoint_dir(self.run_dir), ignore_errors=True)
+            for name in ("model.safetensors", "model_ema.safetensors"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        distributed.barrier()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -529,6 +544,7 @@ class Trainer:
             atomic.write_json(path / "state.json", {
                 "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
                 "optimizer": optim_meta, "scaler": self.scaler.state_dict(), "records": self._records,
+                "epoch_loss": [self._epoch_loss, self._epoch_n],
                 "history": self.history, "strategy": self.strategy.state_dict(), "settings": self._settings(),
                 "ema_decays": [e.decay for e in self.emas]})
         distributed.barrier()
@@ -542,9 +558,9 @@ class Trainer:
             return False
         state = atomic.read_json(path / "state.json")
         saved, now = state["settings"], self._settings()
-        diff = sorted(k for k in now if saved.get(k) != now[k])
+        diff = _differences(saved, now)
         if diff:
-            detail = "; ".join(f"{k}: saved {_short(saved.get(k))}, now {_short(now[k])}" for k in diff)
+            detail = "; ".join(f"{k}: saved {_short(a)}, now {_short(b)}" for k, a, b in diff)
             raise ValueError(f"cannot resume {self.run_dir}: the run was started with other settings ({detail}). "
                              f"Use the same options, or a new run directory.")
         self.model.load_state_dict(ckpt.read_tensors(path / "model.safetensors"))
@@ -557,6 +573,7 @@ class Trainer:
         self.strategy.load_state_dict(state["strategy"])
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.history, self._records = list(state["history"]), state["records"]
+        self._epoch_loss, self._epoch_n = state["epoch_loss"]
         rng = path / f"rng-rank{self.rank}.safetensors"
         if rng.exists():
             _set_rng_state(ckpt.read_tensors(rng), self.device)
@@ -612,6 +629,18 @@ def _eta(trainer: Trainer, images_per_s: float) -> str:
 
 def _stage_text(desc: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in desc.items() if k != "strategy")
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved, now) of every leaf that differs (dicts compared key by key)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix + k, a, b))
+    return out
 
 
 def _short(v: Any, limit: int = 120) -> str:
