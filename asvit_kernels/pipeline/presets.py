@@ -55,7 +55,7 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(name="quick", search_steps=60, repeats=2, kappa_batch=16, scale_hidden=8,
                     param_limit=(4e6, 6e6), member="largest", retokenize="paper", epochs=20, batch_size=64,
                     lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1, clip_grad=5.0,
-                    drop_path=0.0, ema_decays=(0.998,), crop_scale=(0.6, 1.0),
+                    drop_path=0.0, ema_decays=(0.99,), crop_scale=(0.6, 1.0),
                     notes="bundled digits (32x32), CPU minutes"),
     # ALGORITHMS.md / the As-ViT paper: 500 REINFORCE steps, 5 initialisations, 16 images at 224;
     # scaling to 80M (drop > 110M); 300 epochs, AdamW lr 1e-3 at batch 1024 (here per process:
