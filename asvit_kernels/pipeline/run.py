@@ -146,8 +146,8 @@ def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainC
     g = Genotype.parse(genotype)
     strategy = Retokenize(parse_stages(retokenize, g.kernels[0], data.image_size))
     params = count_params(model)
-    flops = count_flops(AsViT.from_genotype(genotype, num_classes=data.num_classes, img_size=data.image_size),
-                        data.image_size)
+    with torch.random.fork_rng(devices=[]):  # count_flops draws a random image: keep the training RNG as it is
+        flops = count_flops(model, data.image_size)
     summary = Trainer(model, data, config, strategy=strategy, run_dir=out).fit(resume=resume)
     result = {"genotype": genotype, "params": params, "flops": flops, "epochs": config.epochs,
               "status": summary["status"], "seconds": time.perf_counter() - t0,

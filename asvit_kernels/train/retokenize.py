@@ -20,6 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from asvit_kernels.models.asvit import MIN_STAGE1_GRID
+from asvit_kernels.models.asvit import STAGE1_STRIDE as BASE_STRIDE
+
 from .strategy import Strategy
 
 __all__ = ["TokenStage", "PAPER_FRACTIONS", "PAPER_MULTIPLIERS", "token_stages", "parse_stages", "Retokenize",
@@ -27,8 +30,6 @@ __all__ = ["TokenStage", "PAPER_FRACTIONS", "PAPER_MULTIPLIERS", "token_stages",
 
 PAPER_FRACTIONS = (0.0, 80 / 300, 130 / 300)
 PAPER_MULTIPLIERS = (4, 2, 1)
-BASE_STRIDE = 4
-MIN_STAGE1_GRID = 5  # models.asvit.MIN_STAGE1_GRID (not imported: train may use models, but keep this light)
 
 
 @dataclass(frozen=True)

@@ -434,9 +434,10 @@ class Trainer:
         return mean
 
     def _stop_requested(self, sigterm: _SigtermFlag) -> bool:
+        if self.world == 1:  # no device tensor, no sync: this runs every step
+            return sigterm.set
         flag = torch.tensor([1.0 if sigterm.set else 0.0], device=self.device)
-        if self.world > 1:  # every rank must stop at the same step
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must stop at the same step
         return bool(flag.item())
 
     @torch.no_grad()
