@@ -1,25 +1,30 @@
 """The ``asvit`` command: ``search``, ``scale``, ``train``, ``pipeline``, ``bench``, ``info``.
 
 Every subcommand works under ``torchrun --nproc-per-node N asvit ...`` (DDP training, search
-evaluations spread over ranks); rank 0 writes files. Invalid options exit with status 2 and one
-line saying why; a non-finite training loss exits 1; a SIGTERM'd training run checkpoints and
-exits 143 (rerun the same command to continue).
+evaluations spread over ranks); rank 0 writes files and holds the run directory's lock
+(``runlock``: a second run into the same ``--out`` exits 2 naming the holder's PID). Invalid
+options exit with status 2 and one line saying why, before any work (every numeric option has a
+finite range); so do damaged run-directory files. A non-finite training loss exits 1; a training
+run stopped by SIGTERM / SIGINT (Ctrl-C) checkpoints and exits 143 / 130 (rerun the same command
+to continue).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import runpy
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
-EXIT_USAGE, EXIT_FAILED, EXIT_SIGTERM = 2, 1, 143
+EXIT_USAGE, EXIT_FAILED, EXIT_SIGTERM, EXIT_SIGINT = 2, 1, 143, 130
 BENCHES = ("elastic", "attention", "ntk", "models", "search", "kendall", "progressive")
 ARCHS = ("asvit", "vit", "vitas", "vitas-tiny")
 SCHEDULES = ("none", "retokenize", "autoprog", "autoprog-manual", "vitas")
@@ -35,6 +40,61 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- arguments
+#
+# Types that check ranges while parsing: a bad value is refused before any work starts.
+
+def _int(low: int, high: Optional[int] = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}" + (f" and <= {high}" if high else "")
+                                             + f", got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    lo, hi = "(" if low_open else "[", ")" if high_open or math.isinf(high) else "]"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not (math.isfinite(v) and inside):
+            raise argparse.ArgumentTypeError(f"expected a finite number in {lo}{low:g}, {high:g}{hi}, got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the run directory must not be empty (it would be the current directory)")
+    p = Path(text).expanduser()
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p} exists and is not a directory")
+    return p
+
+
+def _member(text: str) -> str:
+    if text not in ("largest", "smallest"):
+        try:
+            int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'largest', 'smallest' or an integer index, "
+                                             f"got {text!r}") from None
+    return text
+
+
+POSITIVE, COUNT, SEED = _int(1), _int(0), _int(0, 2**63 - 1)
+POSITIVE_FLOAT = _float(0.0, low_open=True)
+
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="DIR",
@@ -43,27 +103,27 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, defaults_from_preset: bool) -> None:
     d = None if defaults_from_preset else argparse.SUPPRESS
     g = p.add_argument_group("training (default: the preset's)" if defaults_from_preset else "training")
-    g.add_argument("--epochs", type=int, default=d)
-    g.add_argument("--batch-size", type=int, default=d, help="per process")
-    g.add_argument("--lr", type=float, default=d)
-    g.add_argument("--min-lr", type=float, default=d)
-    g.add_argument("--weight-decay", type=float, default=d)
-    g.add_argument("--warmup-epochs", type=float, default=d)
-    g.add_argument("--label-smoothing", type=float, default=d)
-    g.add_argument("--clip-grad", type=float, default=d)
-    g.add_argument("--drop-path", type=float, default=d)
-    g.add_argument("--ema-decays", type=float, nargs="*", default=d)
+    g.add_argument("--epochs", type=POSITIVE, default=d)
+    g.add_argument("--batch-size", type=POSITIVE, default=d, help="per process")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=d)
+    g.add_argument("--min-lr", type=_float(0.0), default=d, help="must not exceed --lr")
+    g.add_argument("--weight-decay", type=_float(0.0), default=d)
+    g.add_argument("--warmup-epochs", type=_float(0.0), default=d)
+    g.add_argument("--label-smoothing", type=_float(0.0, 1.0), default=d)
+    g.add_argument("--clip-grad", type=POSITIVE_FLOAT, default=d)
+    g.add_argument("--drop-path", type=_float(0.0, 0.99), default=d)
+    g.add_argument("--ema-decays", type=_float(0.0, 1.0, high_open=True), nargs="*", default=d)
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=d)
-    g.add_argument("--workers", type=int, default=d, dest="num_workers")
-    g.add_argument("--eval-batches", type=int, default=d)
-    g.add_argument("--checkpoint-every", type=int, default=d, help="also checkpoint every N steps")
+    g.add_argument("--workers", type=COUNT, default=d, dest="num_workers")
+    g.add_argument("--eval-batches", type=POSITIVE, default=d)
+    g.add_argument("--checkpoint-every", type=COUNT, default=d, help="also checkpoint every N steps")
     g.add_argument("--tensorboard", action="store_true", default=d)
 
 
@@ -77,37 +137,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="As-ViT topology search (REINFORCE on kappa and L^E)")
     _add_data(p)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=_out_dir)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--steps", type=POSITIVE, default=None)
+    p.add_argument("--repeats", type=POSITIVE, default=None)
     _add_common(p)
 
     p = sub.add_parser("scale", help="grow a searched topology into a family (As-ViT scaling)")
     _add_data(p)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=_out_dir)
     p.add_argument("--genotype", required=True, help="the seed topology, e.g. '8,2,3|4,1,2|4,1,4|4,1,6|32'")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--param-limit", type=float, nargs=2, metavar=("STOP", "DROP"), default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--param-limit", type=POSITIVE_FLOAT, nargs=2, metavar=("STOP", "DROP"), default=None)
+    p.add_argument("--repeats", type=POSITIVE, default=None)
     _add_common(p)
 
     p = sub.add_parser("train", help="train one model with a schedule (re-tokenization, AutoProg, ViTAS)")
     _add_data(p)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=_out_dir)
     p.add_argument("--arch", choices=ARCHS, default="asvit")
     p.add_argument("--genotype", default="8,2,3,2|4,1,2,2|4,1,4,3|4,1,6,2|32,32",
                    help="As-ViT genotype (--arch asvit)")
-    p.add_argument("--embed-dim", type=int, default=192, help="--arch vit")
-    p.add_argument("--depth", type=int, default=12, help="--arch vit")
-    p.add_argument("--heads", type=int, default=3, help="--arch vit")
-    p.add_argument("--patch-size", type=int, default=4, help="--arch vit")
-    p.add_argument("--vitas-scale", type=float, default=1.0, help="--arch vitas: width scale of the ViTAS space")
+    p.add_argument("--embed-dim", type=POSITIVE, default=192, help="--arch vit")
+    p.add_argument("--depth", type=POSITIVE, default=12, help="--arch vit")
+    p.add_argument("--heads", type=POSITIVE, default=3, help="--arch vit")
+    p.add_argument("--patch-size", type=POSITIVE, default=4, help="--arch vit")
+    p.add_argument("--vitas-scale", type=POSITIVE_FLOAT, default=1.0,
+                   help="--arch vitas: width scale of the ViTAS space")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="default: retokenize for asvit, autoprog for vit, vitas for vitas archs")
     p.add_argument("--retokenize", default="paper", help="'paper', 'none' or 'FRACTION:STRIDE[:DILATION],...'")
-    p.add_argument("--autoprog-stages", type=int, default=4)
-    p.add_argument("--flops-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+    p.add_argument("--autoprog-stages", type=POSITIVE, default=4)
+    p.add_argument("--flops-range", type=POSITIVE_FLOAT, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="--schedule vitas: the sub-network FLOPs window p_identity is calibrated to")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="training defaults")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
@@ -116,12 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="search -> scale -> train -> report.md (resumable)")
     _add_data(p)
-    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--out", required=True, type=_out_dir, help="run directory")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--search-steps", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--param-limit", type=float, nargs=2, metavar=("STOP", "DROP"), default=None)
-    p.add_argument("--member", default=None, help="family member to train: largest | smallest | index")
+    p.add_argument("--search-steps", type=POSITIVE, default=None)
+    p.add_argument("--repeats", type=POSITIVE, default=None)
+    p.add_argument("--param-limit", type=POSITIVE_FLOAT, nargs=2, metavar=("STOP", "DROP"), default=None)
+    p.add_argument("--member", type=_member, default=None,
+                   help="family member to train: largest | smallest | index (checked against the family "
+                        "once scaling has found it; changing it later keeps the search and scaling results)")
     p.add_argument("--retokenize", default=None)
     _add_train_options(p, defaults_from_preset=True)
     _add_common(p)
@@ -134,11 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- commands
 
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for n in names:
-        v = getattr(args, n, None)
-        if v is not None and v < 1:
-            raise UsageError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+def _check_ranges(args: argparse.Namespace) -> None:
+    """The checks that involve two values (single values are checked while parsing)."""
+    for name, (lo_name, hi_name) in (("param_limit", ("STOP", "DROP")), ("flops_range", ("LOW", "HIGH"))):
+        pair = getattr(args, name, None)
+        if pair is not None and pair[0] > pair[1]:
+            raise UsageError(f"--{name.replace('_', '-')}: {lo_name} ({pair[0]:g}) must not exceed "
+                             f"{hi_name} ({pair[1]:g})")
+
+
+def _exit_status(train_summary: Mapping[str, Any]) -> int:
+    if train_summary["status"] != "interrupted":
+        return 0
+    return EXIT_SIGINT if train_summary.get("signal") == "SIGINT" else EXIT_SIGTERM
+
+
+@contextlib.contextmanager
+def _run_dir_lock(args: argparse.Namespace) -> Iterator[None]:
+    """Hold ``--out``'s lock for the command (rank 0 only: RANK is set by torchrun)."""
+    out = getattr(args, "out", None)
+    if out is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    from asvit_kernels import runlock
+    try:
+        with runlock.hold(out):
+            yield
+    except runlock.RunDirectoryLocked as e:
+        raise UsageError(f"asvit: error: {e}") from None
 
 
 def _preset(args, **extra):
@@ -181,7 +267,6 @@ def cmd_info(args) -> int:
 def cmd_search(args) -> int:
     from asvit_kernels.pipeline import run
     from asvit_kernels.train.data import open_dataset
-    _positive(args, "steps", "repeats")
     preset = _preset(args)
     result = run.run_search(args.out, open_dataset(args.data, seed=args.seed), preset, seed=args.seed,
                             progress=False if args.quiet else None)
@@ -193,7 +278,6 @@ def cmd_scale(args) -> int:
     from asvit_kernels.models.genotype import Genotype
     from asvit_kernels.pipeline import run
     from asvit_kernels.train.data import open_dataset
-    _positive(args, "repeats")
     Genotype.parse(args.genotype)  # ValueError naming the field
     result = run.run_scale(args.out, open_dataset(args.data, seed=args.seed), _preset(args), args.genotype,
                            seed=args.seed, progress=False if args.quiet else None)
@@ -251,24 +335,23 @@ def cmd_train(args) -> int:
     from asvit_kernels.search import distributed
     from asvit_kernels.train.data import open_dataset
     from asvit_kernels.train.trainer import Trainer
-    _positive(args, "epochs", "batch_size")
+    config = run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))  # checked before any work
     distributed.init_from_env()
     try:
         data = open_dataset(args.data, seed=args.seed)
         model, strategy = _train_model_and_strategy(args, data)
-        config = run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))
         summary = Trainer(model, data, config, strategy=strategy, run_dir=args.out).fit(resume=not args.no_resume)
         if distributed.is_main():
             print(json.dumps({k: v for k, v in summary.items() if k != "epochs"}, default=str))
     finally:
         distributed.shutdown()
-    return EXIT_SIGTERM if summary["status"] == "interrupted" else 0
+    return _exit_status(summary)
 
 
 def cmd_pipeline(args) -> int:
     from asvit_kernels.pipeline import run
     from asvit_kernels.search import distributed
-    _positive(args, "search_steps", "repeats", "epochs", "batch_size")
+    run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))  # checked before any work
     distributed.init_from_env()
     try:
         results = run.run_pipeline(args.out, _preset(args), data_path=args.data, seed=args.seed,
@@ -279,7 +362,7 @@ def cmd_pipeline(args) -> int:
         distributed.shutdown()
     train = results["train"]
     if train["status"] != "finished":
-        return EXIT_SIGTERM
+        return _exit_status(train)
     if distributed.is_main():
         print(f"{args.out / 'report.md'}: {train['genotype']} top-1 {train['final_acc']:.2f}% "
               f"(chance {train['chance_acc']:.1f}%)")
@@ -309,7 +392,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         if getattr(args, "quiet", False):
             os.environ.setdefault("TQDM_DISABLE", "1")
-        return COMMANDS[args.command](args)
+        _check_ranges(args)
+        with _run_dir_lock(args):
+            return COMMANDS[args.command](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
@@ -323,6 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"asvit: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # outside training (search, scaling): their state is saved after every step
+        print("asvit: interrupted (Ctrl-C); the run directory holds the last completed step: rerun the same "
+              "command to continue", file=sys.stderr)
+        return EXIT_SIGINT
 
 
 if __name__ == "__main__":

@@ -195,6 +195,22 @@ def test_image_folder_errors(tmp_path):
         open_dataset(tmp_path).train[0]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_gives_the_same_one_line_error_with_workers(tmp_path, workers):
+    # DataLoader re-raises a worker's error with the worker's whole traceback in its message.
+    pytest.importorskip("PIL")
+    _png(tmp_path / "train" / "a" / "good.png", np.zeros((8, 8, 3), np.uint8))
+    _png(tmp_path / "val" / "a" / "good.png", np.zeros((8, 8, 3), np.uint8))
+    bad = tmp_path / "train" / "a" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
+    data = open_dataset(tmp_path, image_size=8)
+    with pytest.raises(ValueError) as e:
+        list(batches(data.train, batch_size=2, shuffle=False, seed=0, epoch=0, num_workers=workers))
+    message = str(e.value)
+    assert message.startswith(f"cannot decode image {bad}") and "\n" not in message
+    assert "Traceback" not in message and "worker" not in message
+
+
 # ----------------------------------------------------------------------------------------- errors
 
 def test_path_errors(tmp_path):

@@ -3,7 +3,7 @@ progressive re-tokenization, then ``report.md`` with plots.
 
 Layout of a run directory::
 
-    pipeline.json        settings (preset, data, seed) and the wall-clock of each finished stage
+    pipeline.json        settings (preset, data, seed), the wall-clock of each stage, the trained genotype
     search/              REINFORCE checkpoint (search.topology) and result.json once finished
     scale/               scaling checkpoint (search.scaling) and result.json once finished
     train/               training checkpoints, metrics.jsonl, final weights, result.json
@@ -11,8 +11,13 @@ Layout of a run directory::
 
 Every stage is resumable: rerunning the same command continues a killed stage from its last
 checkpoint and skips finished ones (their ``result.json`` exists). Re-running with other settings
-in the same directory is refused (ValueError), since the stages would no longer fit together.
-Stage times count the calls that ran the stage; time lost to a kill is not counted.
+in the same directory is refused (ValueError naming each changed setting), since the stages would
+no longer fit together; only ``member`` may change until training has started (an out-of-range
+index is only detectable once scaling has found the family, and must not cost the search).
+
+A stage's time is summed over every call that ran it: a call that finished or was interrupted
+counts in full, a killed call counts up to the last file it wrote in the stage's directory (its
+last checkpoint); the work redone after a kill is counted again, as it was spent again.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from asvit_kernels.search.scaling import grow
 from asvit_kernels.search.topology import reinforce
 from asvit_kernels.train import data as data_lib
 from asvit_kernels.train.retokenize import Retokenize, parse_stages
-from asvit_kernels.train.trainer import TrainConfig, Trainer
+from asvit_kernels.train.trainer import TrainConfig, Trainer, describe_differences
 
 from .presets import Preset
 from .report import write_report
@@ -56,9 +61,20 @@ def kappa_images(data: data_lib.ImageData, n: int, seed: int) -> torch.Tensor:
     return data_lib.to_float(x, data.mean, data.std)
 
 
-def _finished(stage_dir: Path) -> Optional[dict]:
+_RESULT_KEYS = {"search": ("genotype", "seconds", "history"), "scale": ("family", "seconds"),
+                "train": ("genotype", "status", "seconds", "final_acc")}
+
+
+def _finished(stage_dir: Path, stage: str) -> Optional[dict]:
+    """A finished stage's result.json (ValueError naming the file when it is damaged), or None."""
     path = stage_dir / RESULT
-    return atomic.read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    result = atomic.read_json(path, keys=_RESULT_KEYS[stage])
+    if stage == "scale" and not (isinstance(result["family"], list) and result["family"]
+                                          and all(isinstance(m, dict) and "genotype" in m for m in result["family"])):
+        raise ValueError(f"{path} is damaged: 'family' must be a non-empty list of architectures with a genotype")
+    return result
 
 
 def _write_result(stage_dir: Path, result: Mapping[str, Any]) -> None:
@@ -70,7 +86,7 @@ def _write_result(stage_dir: Path, result: Mapping[str, Any]) -> None:
 def run_search(out: Path, data: data_lib.ImageData, preset: Preset, *, seed: int = 0,
                progress: Optional[bool] = None) -> dict[str, Any]:
     """REINFORCE topology search (search.topology.reinforce) on ``preset.kappa_batch`` images."""
-    done = _finished(out)
+    done = _finished(out, "search")
     if done is not None:
         return done
     t0 = time.perf_counter()
@@ -87,7 +103,7 @@ def run_search(out: Path, data: data_lib.ImageData, preset: Preset, *, seed: int
 def run_scale(out: Path, data: data_lib.ImageData, preset: Preset, seed_genotype: str, *, seed: int = 0,
               progress: Optional[bool] = None) -> dict[str, Any]:
     """Greedy scaling (search.scaling.grow) of the searched topology into a family."""
-    done = _finished(out)
+    done = _finished(out, "scale")
     if done is not None:
         return done
     t0 = time.perf_counter()
@@ -113,7 +129,8 @@ def choose_member(family: list, member: Union[str, int]) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"member must be 'largest', 'smallest' or an index, got {member!r}") from None
     if not -len(family) <= i < len(family):
-        raise ValueError(f"member {i} is out of range: the family has {len(family)} architectures")
+        raise ValueError(f"member {i} is out of range: the family has {len(family)} architectures "
+                         f"(indices {-len(family)}..{len(family) - 1})")
     return i % len(family)
 
 
@@ -137,8 +154,9 @@ def train_config(preset: Preset, *, seed: int = 0, **overrides: Any) -> TrainCon
 def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainConfig, retokenize: str, *,
               resume: bool = True) -> dict[str, Any]:
     """Train ``genotype`` with progressive re-tokenization; returns the report's "train" section.
-    ``status`` is "finished", or "interrupted" (SIGTERM: checkpointed, rerun to continue)."""
-    done = _finished(out)
+    ``status`` is "finished", or "interrupted" (SIGTERM or SIGINT, named by ``signal``: checkpointed,
+    rerun to continue)."""
+    done = _finished(out, "train")
     if done is not None and resume:
         return done
     t0 = time.perf_counter()
@@ -150,7 +168,7 @@ def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainC
         flops = count_flops(model, data.image_size)
     summary = Trainer(model, data, config, strategy=strategy, run_dir=out).fit(resume=resume)
     result = {"genotype": genotype, "params": params, "flops": flops, "epochs": config.epochs,
-              "status": summary["status"], "seconds": time.perf_counter() - t0,
+              "status": summary["status"], "signal": summary.get("signal"), "seconds": time.perf_counter() - t0,
               "schedule": "retokenize: " + strategy.schedule_text(config.epochs),
               "final_acc": summary["final_acc"], "final_acc_ema": summary["final_acc_ema"],
               "best_acc": summary["best_acc"], "chance_acc": 100.0 / data.num_classes,
@@ -169,6 +187,63 @@ def machine_text(device: torch.device) -> str:
     return f"{what}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def _last_write(stage_dir: Path) -> float:
+    """The newest modification time of a file under ``stage_dir`` (0 when none)."""
+    times = [p.stat().st_mtime for p in stage_dir.rglob("*") if p.is_file()] if stage_dir.is_dir() else []
+    return max(times, default=0.0)
+
+
+class _StageClock:
+    """Each stage's time summed over the calls that ran it, kept in ``pipeline.json``: ``calls``
+    holds the seconds of earlier calls, ``running`` the start (epoch seconds) of a call in
+    progress; a call that never stopped its clock was killed, and counts up to its last write."""
+
+    def __init__(self, state: dict, save):
+        self.state, self.save = state, save
+        self.calls = state.setdefault("calls", {})
+        self.running = state.setdefault("running", {})
+
+    def run(self, stage: str, stage_dir: Path, fn):
+        if stage in self.state["seconds"] and (stage_dir / RESULT).exists():  # finished before: fn reads it
+            return {**fn(), "seconds": self.state["seconds"][stage]}
+        started = self.running.pop(stage, None)
+        if started is not None:
+            self.calls[stage] = self.calls.get(stage, 0.0) + max(0.0, _last_write(stage_dir) - started)
+        self.running[stage] = time.time()
+        self.save()
+        t0 = time.perf_counter()
+        result = fn()
+        self.calls[stage] = self.calls.get(stage, 0.0) + time.perf_counter() - t0
+        del self.running[stage]
+        if result.get("status", "finished") == "finished":
+            self.state["seconds"][stage] = self.calls[stage]
+        self.save()
+        return {**result, "seconds": self.calls[stage]}
+
+
+def _load_state(state_path: Path, settings: Mapping[str, Any]) -> dict:
+    """pipeline.json (new when missing); ValueError naming every changed setting."""
+    if not state_path.exists():
+        return {"settings": settings, "seconds": {}}
+    state = atomic.read_json(state_path, keys=("settings", "seconds"))
+    if not isinstance(state["settings"], dict) or not isinstance(state["seconds"], dict):
+        raise ValueError(f"{state_path} is damaged: 'settings' and 'seconds' must be JSON objects")
+    state["settings"].get("preset", {}).pop("member", None)  # compared by _check_member (older files kept it)
+    diff = describe_differences(state["settings"], settings)
+    if diff:
+        raise ValueError(f"{state_path.parent} holds a pipeline run with other settings ({diff}); use the same "
+                         f"options or another --out directory")
+    return state
+
+
+def _check_member(state: dict, state_path: Path, genotype: str, member: str) -> None:
+    """The member may change until training started (then its checkpoints belong to another model)."""
+    trained = state.setdefault("train_genotype", genotype)
+    if trained != genotype:
+        raise ValueError(f"{state_path.parent} is training {trained} (see {state_path}); --member {member} chose "
+                         f"{genotype}: use the member it started with, or another --out directory")
+
+
 def run_pipeline(run_dir: Union[str, Path], preset: Preset, *, data_path: Optional[str] = None, seed: int = 0,
                  train_overrides: Optional[Mapping[str, Any]] = None, command: str = "",
                  progress: Optional[bool] = None) -> dict[str, Any]:
@@ -176,36 +251,36 @@ def run_pipeline(run_dir: Union[str, Path], preset: Preset, *, data_path: Option
     mapping the report was written from (``results["train"]["status"]`` says whether training
     finished)."""
     run_dir = Path(run_dir)
-    data = data_lib.open_dataset(data_path, seed=seed)
     overrides = dict(train_overrides or {})
-    config = train_config(preset, seed=seed, **overrides)
+    config = train_config(preset, seed=seed, **overrides)  # ValueError before any work
+    data = data_lib.open_dataset(data_path, seed=seed)
     settings = json.loads(json.dumps({  # as stored: tuples become lists
-        "preset": preset.to_dict(), "data": data.name, "seed": seed,
+        "preset": {k: v for k, v in preset.to_dict().items() if k != "member"}, "data": data.name, "seed": seed,
         "train": {k: v for k, v in config.to_dict().items() if k not in ("progress", "num_workers")}}))
     state_path = run_dir / "pipeline.json"
-    state = atomic.read_json(state_path) if state_path.exists() else {"settings": settings, "seconds": {}}
-    if state["settings"] != settings:
-        raise ValueError(f"{run_dir} holds a pipeline run with other settings (see {state_path}); use the same "
-                         f"options or another --out directory")
+    state = _load_state(state_path, settings)
 
-    def finish(stage: str, seconds: float) -> None:
-        if stage not in state["seconds"]:
-            state["seconds"][stage] = seconds
+    def save() -> None:
         if distributed.is_main():
             atomic.write_json(state_path, state)
 
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(state_path, state)
-    search = run_search(run_dir / "search", data, preset, seed=seed, progress=progress)
-    finish("search", search["seconds"])
-    scale = run_scale(run_dir / "scale", data, preset, search["genotype"], seed=seed, progress=progress)
-    finish("scale", scale["seconds"])
-    chosen = choose_member(scale["family"], preset.member)
+    clock = _StageClock(state, save)
+    search = clock.run("search", run_dir / "search",
+                       lambda: run_search(run_dir / "search", data, preset, seed=seed, progress=progress))
+    scale = clock.run("scale", run_dir / "scale",
+                      lambda: run_scale(run_dir / "scale", data, preset, search["genotype"], seed=seed,
+                                        progress=progress))
+    try:
+        chosen = choose_member(scale["family"], preset.member)
+    except ValueError as e:
+        raise ValueError(f"--member: {e}; the search and scaling results in {run_dir} are kept: rerun with a "
+                         f"valid --member") from None
     genotype = scale["family"][chosen]["genotype"]
-    train = run_train(run_dir / "train", data, genotype, config, preset.retokenize)
-    if train["status"] == "finished":
-        finish("train", train["seconds"])
+    _check_member(state, state_path, genotype, preset.member)
+    train = clock.run("train", run_dir / "train",
+                      lambda: run_train(run_dir / "train", data, genotype, config, preset.retokenize))
     results = {"title": f"asvit pipeline: {preset.name} preset on {data.name}", "preset": preset.name,
                "command": command, "machine": machine_text(distributed.device()),
                "data": {"name": data.name, "num_classes": data.num_classes, "train": len(data.train),

@@ -481,7 +481,31 @@ def _in_memory(dataset: Any) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]
     return None
 
 
-def _collate(items: list) -> tuple[Tensor, Tensor]:
+class _ItemError(NamedTuple):
+    """A ValueError raised while loading an item in a worker, carried back as data: DataLoader
+    would re-raise it in the main process with the worker's whole traceback in its message."""
+
+    message: str
+
+
+class _WorkerSafe(torch.utils.data.Dataset):
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except ValueError as e:  # our loaders' clean, file-naming errors (e.g. an undecodable image)
+            return _ItemError(str(e))
+
+
+def _collate(items: list) -> Any:
+    failed = next((it for it in items if isinstance(it, _ItemError)), None)
+    if failed is not None:
+        return failed
     images, labels = zip(*items)
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64)
 
@@ -527,9 +551,14 @@ def _tensor_batches(images: Tensor, labels: Tensor, index_map: Optional[Tensor],
 def _loader_batches(dataset, chunks: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
     if not chunks:
         return
+    if num_workers > 0:
+        dataset = _WorkerSafe(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[c.tolist() for c in chunks],
                                          num_workers=num_workers, collate_fn=_collate)
-    yield from loader
+    for batch in loader:
+        if isinstance(batch, _ItemError):
+            raise ValueError(batch.message)  # the same one line as with num_workers=0
+        yield batch
 
 
 # ----------------------------------------------------------------------------------- augmentation

@@ -14,8 +14,14 @@ EMA on the validation split (at the data's own size), one JSONL metrics record, 
 Resuming (``fit(resume=True)`` on a run directory with a checkpoint) restores the weights, EMAs,
 optimizer moments, grad scaler, every rank's RNG state, the strategy's state and the position in
 the epoch; the data order and augmentation depend only on (seed, epoch, step), so on CPU a resumed
-run is bit-for-bit the uninterrupted one. SIGTERM (what torchrun and cluster schedulers send)
-finishes the current step, writes a checkpoint and returns ``status="interrupted"``.
+run is bit-for-bit the uninterrupted one. SIGTERM (what torchrun and cluster schedulers send) or
+SIGINT (Ctrl-C) finishes the current step, writes a checkpoint and returns ``status="interrupted"``
+(``signal`` says which; a second Ctrl-C raises KeyboardInterrupt at once, the last checkpoint kept).
+
+Every checkpoint file's SHA-256 is recorded in its ``state.json`` and verified on resume; a
+damaged checkpoint (or one whose weights are not finite) is moved aside with a warning naming the
+file, and the previous one is resumed; with none left, ``DamagedCheckpoint`` (a ValueError) names
+the file.
 
 A non-finite loss stops the run with ``NonFiniteLossError`` before any checkpoint is written from
 the diverged weights: the last good checkpoint stays the committed one. Losses are checked every
@@ -53,10 +59,13 @@ from . import data as data_lib
 from .ema import EmaModel
 from .strategy import Strategy
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "AMP_MODES", "lr_at"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "AMP_MODES", "lr_at", "describe_differences"]
 
 log = logging.getLogger(__name__)
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
+_STATE_KEYS = ("epoch", "step", "step_in_epoch", "optimizer", "scaler", "records", "epoch_loss", "history",
+               "strategy", "settings")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,9 +114,10 @@ class TrainConfig:
 
         def number(name, low, high=math.inf, *, low_open=False):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (
                     (low < v if low_open else low <= v) and v <= high):
-                raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {v!r}")
+                bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+                raise ValueError(f"{name} must be a finite number in {bounds}, got {v!r}")
 
         pos_int("epochs")
         pos_int("batch_size")
@@ -117,6 +127,9 @@ class TrainConfig:
         pos_int("seed", 0)
         number("lr", 0.0, low_open=True)
         number("min_lr", 0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): the cosine decays from "
+                             f"lr to min_lr")
         number("weight_decay", 0.0)
         number("warmup_epochs", 0.0)
         number("label_smoothing", 0.0, 1.0)
@@ -157,25 +170,33 @@ def _mix(*parts: int) -> int:
     return h
 
 
-class _SigtermFlag:
-    """Set by SIGTERM while installed (main thread only); the loop stops after the current step."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopFlag:
+    """Set by SIGTERM or SIGINT while installed (main thread only); the loop stops after the
+    current step and checkpoints. A second SIGINT raises KeyboardInterrupt at once (the user
+    insists; the previous checkpoint stays committed, files are written atomically)."""
 
     def __init__(self):
         self.set = False
-        self._old = None
+        self.signal: Optional[str] = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.set = True
-        log.warning("SIGTERM: finishing the current step, then checkpointing and stopping")
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set, self.signal = True, signal.Signals(signum).name
+        log.warning("%s: finishing the current step, then checkpointing and stopping", self.signal)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 class Trainer:
@@ -295,9 +316,9 @@ class Trainer:
         self.strategy.on_train_start(self, resumed=resumed)
         end = cfg.epochs if max_epochs_this_call is None else min(cfg.epochs, self.epoch + max_epochs_this_call)
         status, t_start = "finished", time.perf_counter()
-        with _SigtermFlag() as sigterm:
+        with _StopFlag() as stop:
             while self.epoch < end:
-                if not self._train_epoch(sigterm):
+                if not self._train_epoch(stop):
                     status = "interrupted"
                     break
         if status == "finished" and self.epoch < cfg.epochs:
@@ -309,13 +330,14 @@ class Trainer:
         evals = [r for r in self.history if r.get("kind") == "epoch"]
         best = max((r["val_acc"] for r in evals), default=None)
         last = evals[-1] if evals else {}
-        return {"status": status, "epoch": self.epoch, "step": self.step, "final_acc": last.get("val_acc"),
+        return {"status": status, "signal": stop.signal, "epoch": self.epoch, "step": self.step,
+                "final_acc": last.get("val_acc"),
                 "final_acc_ema": last.get("val_acc_ema"), "best_acc": best,
                 "seconds_this_call": time.perf_counter() - t_start, "epochs": evals,
                 "strategy": self.strategy.describe()}
 
-    def _train_epoch(self, sigterm: _SigtermFlag) -> bool:
-        """One epoch (or its rest after a resume); False when stopped by SIGTERM."""
+    def _train_epoch(self, sigterm: _StopFlag) -> bool:
+        """One epoch (or its rest after a resume); False when stopped by SIGTERM or SIGINT."""
         cfg, epoch = self.config, self.epoch
         self.strategy.on_epoch_start(self, epoch)
         rate = cfg.drop_path * self.strategy.drop_path_scale(epoch, cfg.epochs)
@@ -433,7 +455,7 @@ class Trainer:
                 f"off fp16 (amp='bf16' or 'off').")
         return mean
 
-    def _stop_requested(self, sigterm: _SigtermFlag) -> bool:
+    def _stop_requested(self, sigterm: _StopFlag) -> bool:
         if self.world == 1:  # no device tensor, no sync: this runs every step
             return sigterm.set
         flag = torch.tensor([1.0 if sigterm.set else 0.0], device=self.device)
@@ -534,38 +556,93 @@ class Trainer:
             return
         name = ckpt.tag(self.epoch, self.step)
         path = ckpt.checkpoint_dir(self.run_dir) / name
-        ckpt.write_tensors(path / f"rng-rank{self.rank}.safetensors", _rng_state(self.device))
+        rng_file = _rng_file(self.rank)
+        sums = self._gather_checksums({rng_file: ckpt.write_tensors(path / rng_file, _rng_state(self.device))})
         if distributed.is_main():
             optim_tensors, optim_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
             tensors = dict(optim_tensors)
             for i, e in enumerate(self.emas):
                 tensors.update({f"ema.{i}.{k}": v for k, v in e.state_dict().items()})
-            ckpt.write_tensors(path / "model.safetensors", self.model.state_dict())
-            ckpt.write_tensors(path / "state.safetensors", tensors)
-            atomic.write_json(path / "state.json", {
+            sums[MODEL_FILE] = ckpt.write_tensors(path / MODEL_FILE, self.model.state_dict())
+            sums[STATE_FILE] = ckpt.write_tensors(path / STATE_FILE, tensors)
+            ckpt.write_state(path / ckpt.STATE, {
                 "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
                 "optimizer": optim_meta, "scaler": self.scaler.state_dict(), "records": self._records,
                 "epoch_loss": [self._epoch_loss, self._epoch_n],
                 "history": self.history, "strategy": self.strategy.state_dict(), "settings": self._settings(),
-                "ema_decays": [e.decay for e in self.emas]})
+                "ema_decays": [e.decay for e in self.emas]}, sums)
         distributed.barrier()
         if distributed.is_main():
             ckpt.commit(self.run_dir, name)
         distributed.barrier()
 
+    def _gather_checksums(self, mine: dict[str, str]) -> dict[str, str]:
+        """Every rank's file checksums, merged (rank 0 records them in state.json)."""
+        if self.world == 1:
+            return dict(mine)
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return {k: v for part in parts for k, v in part.items()}
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict, dict, dict]:
+        """(state, model tensors, state tensors, this rank's RNG tensors or {}), every file checked
+        against its recorded SHA-256 and the weights checked finite; DamagedCheckpoint otherwise."""
+        rng_file = _rng_file(self.rank)
+        state = ckpt.read_state(path, (MODEL_FILE, STATE_FILE), keys=_STATE_KEYS)
+        sums = state["checksums"]
+        model = ckpt.read_tensors(path / MODEL_FILE, sums[MODEL_FILE])
+        tensors = ckpt.read_tensors(path / STATE_FILE, sums[STATE_FILE])
+        for file, group in ((MODEL_FILE, model), (STATE_FILE, tensors)):
+            bad = next((k for k, v in group.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+            if bad is not None:
+                raise ckpt.DamagedCheckpoint(f"{path / file} is damaged: tensor {bad!r} holds NaN or inf "
+                                             f"(training never checkpoints non-finite weights)")
+        rng = ckpt.read_tensors(path / rng_file, sums[rng_file]) if rng_file in sums else {}
+        return state, model, tensors, rng
+
     def _load(self) -> bool:
-        path = ckpt.latest(self.run_dir)
-        if path is None:
+        """Resume from the newest good checkpoint (older ones after a damaged one); False when
+        there is none to resume."""
+        candidates = ckpt.candidates(self.run_dir)
+        if not candidates:
             return False
-        state = atomic.read_json(path / "state.json")
-        saved, now = state["settings"], self._settings()
-        diff = _differences(saved, now)
+        damaged = []
+        for path in candidates:
+            try:
+                loaded, error = self._read_checkpoint(path), None
+            except ckpt.DamagedCheckpoint as e:
+                loaded, error = None, e
+            if not self._any_rank(error is not None):  # every rank resumes from the same checkpoint
+                break
+            if error is not None:
+                log.warning("checkpoint %s is damaged (%s): falling back to the previous one", path.name, error)
+            damaged.append(path.name)
+            last_error = error
+        else:
+            raise ckpt.DamagedCheckpoint(f"{last_error or 'a checkpoint is damaged on another rank'}; no earlier "
+                                         f"good checkpoint is left in {ckpt.checkpoint_dir(self.run_dir)} (start "
+                                         f"over with resume=False / --no-resume)")
+        if damaged and distributed.is_main():
+            ckpt.fall_back(self.run_dir, path.name, damaged)
+            log.warning("resuming from %s; damaged checkpoint(s) moved aside: %s", path,
+                        ", ".join(f"{d}{ckpt.DAMAGED_SUFFIX}" for d in damaged))
+        distributed.barrier()
+        self._restore(path, *loaded)
+        return True
+
+    def _restore(self, path: Path, state: dict, model: dict, tensors: dict, rng: dict) -> None:
+        diff = describe_differences(state["settings"], self._settings())
         if diff:
-            detail = "; ".join(f"{k}: saved {_short(a)}, now {_short(b)}" for k, a, b in diff)
-            raise ValueError(f"cannot resume {self.run_dir}: the run was started with other settings ({detail}). "
+            raise ValueError(f"cannot resume {self.run_dir}: the run was started with other settings ({diff}). "
                              f"Use the same options, or a new run directory.")
-        self.model.load_state_dict(ckpt.read_tensors(path / "model.safetensors"))
-        tensors = ckpt.read_tensors(path / "state.safetensors")
+        self.model.load_state_dict(model)
         for i, e in enumerate(self.emas):
             prefix = f"ema.{i}."
             e.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -575,9 +652,8 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.history, self._records = list(state["history"]), state["records"]
         self._epoch_loss, self._epoch_n = state["epoch_loss"]
-        rng = path / f"rng-rank{self.rank}.safetensors"
-        if rng.exists():
-            _set_rng_state(ckpt.read_tensors(rng), self.device)
+        if rng:
+            _set_rng_state(rng, self.device)
         else:
             log.warning("no RNG state for rank %d in %s (world size changed?): reseeding", self.rank, path)
             torch.manual_seed(_mix(self.config.seed, 7919, self.rank, self.step))
@@ -585,7 +661,6 @@ class Trainer:
             _truncate_lines(self.run_dir / "metrics.jsonl", self._records)
         distributed.barrier()
         log.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
-        return True
 
     def _write_final_weights(self) -> None:
         ckpt.write_tensors(self.run_dir / "model.safetensors", self.model.state_dict())
@@ -594,6 +669,10 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     out = {"cpu": torch.get_rng_state()}
@@ -630,6 +709,11 @@ def _eta(trainer: Trainer, images_per_s: float) -> str:
 
 def _stage_text(desc: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in desc.items() if k != "strategy")
+
+
+def describe_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """"key: saved A, now B; ..." for every (dotted) setting that differs; "" when none does."""
+    return "; ".join(f"{k}: saved {_short(a)}, now {_short(b)}" for k, a, b in _differences(saved, now))
 
 
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
