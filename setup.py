@@ -9,6 +9,10 @@ Environment:
                      75;80;86;89;90 with CUDA >= 13, 70;75;80;86;90 with older toolkits.
                      SASS is built for every arch, PTX for the highest.
   MAX_JOBS           parallel ninja jobs (default: number of CPUs).
+  ASVIT_LOCAL_VERSION  the wheel's PEP 440 local version label. Default: "cu13" / "cu12" (the
+                     toolkit's major) when _C is built, none for a pure-Python build, so the two
+                     CUDA wheels are 0.1.0+cu13 and 0.1.0+cu12 of one distribution (the PyTorch
+                     convention; see the README's install section). Set it empty for no label.
 
 Wheel kinds: when _C is not built, the extension list is empty and the wheel is a pure
 ``py3-none-any`` wheel (it really is pure Python then); with _C it is a platform wheel.
@@ -179,6 +183,28 @@ def write_build_config(package_dir: Path, plan: CudaPlan) -> None:
         target.write_text(text)
 
 
+def local_version_label(plan: CudaPlan) -> str:
+    """'cu13' for a build with nvcc 13.x, '' for pure Python; ASVIT_LOCAL_VERSION overrides."""
+    value = os.environ.get("ASVIT_LOCAL_VERSION")
+    if value is None:
+        return f"cu{plan.version.split('.')[0]}" if plan.build else ""
+    value = value.strip().lstrip("+")
+    if value and not re.fullmatch(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*", value):
+        raise BuildConfigError(f"ASVIT_LOCAL_VERSION={value!r} is not a PEP 440 local version label "
+                               f"(letters and digits separated by '.', e.g. 'cu12')")
+    return value
+
+
+def package_version(plan: CudaPlan) -> str:
+    """asvit_kernels/_version.py's __version__ (read, not imported) plus the local label."""
+    text = (ROOT / PACKAGE / "_version.py").read_text()
+    m = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.M)
+    if not m:
+        raise BuildConfigError(f"no __version__ = '...' line in {PACKAGE}/_version.py")
+    label = local_version_label(plan)
+    return m.group(1) + (f"+{label}" if label else "")
+
+
 def max_jobs() -> int:
     value = os.environ.get("MAX_JOBS", "").strip()
     if not value:
@@ -313,6 +339,7 @@ if (ROOT / "models").is_dir():
     package_dir[f"{PACKAGE}.models"] = "models"
 
 setup(
+    version=package_version(PLAN),
     packages=packages,
     package_dir=package_dir,
     ext_modules=[CMakeExtension(EXT_NAME)] if PLAN.build else [],

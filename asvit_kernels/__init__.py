@@ -21,21 +21,50 @@ __all__ = ["__version__", "build_info", "channel_indices", "elastic_linear", "el
            "backends", "compat", "nn", "reference"]
 
 
+def _cuda_devices() -> "list[tuple[int, str, tuple[int, int]]]":
+    """(index, name, capability) of every CUDA device torch sees; [] without one (or a driver)."""
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [(i, torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+                for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - a broken driver must not break build_info()
+        return []
+
+
 def build_info() -> dict:
-    """What this install has: version, the CUDA extension and its build, the usable backends."""
+    """What this install has: version, the CUDA extension and its build, the usable backends.
+
+    With ``_C`` built: ``cuda_version`` (the toolkit), ``cuda_sass_archs`` / ``cuda_ptx_archs`` (read
+    from the module itself), ``min_driver`` (the oldest NVIDIA driver series for the SASS, and for
+    JIT-compiling the PTX). On a machine with GPUs, ``gpus`` says per device whether SASS or PTX
+    covers its compute capability, and ``gpu_not_covered`` is one sentence naming the devices the
+    ``cuda`` backend cannot run on (None when all are covered).
+    """
     cfg = _ext.BUILD_CONFIG
     usable = ["torch"]
     if backends.why_unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None:
         usable.append("triton")
     if _ext.cuda_device_available():
         usable.append("cuda")
+    archs, version = list(cfg["cuda_archs"]), cfg["cuda_version"]
+    if _ext.C is not None:  # the module's own record of what it holds
+        archs, version = list(_ext.C.compiled_archs()), _ext.C.cuda_version()
+    ptx = _ext.ptx_archs(archs)
+    gpus, not_covered = _ext.gpu_coverage(_cuda_devices(), archs, ptx, version) if _ext.C is not None \
+        else ([], None)
     return {
         "version": __version__,
         "cuda_extension": _ext.C is not None,
         "cuda_extension_missing_reason": _ext.MISSING_REASON,
         "cuda_archs": list(cfg["cuda_archs"]),
-        "cuda_version": cfg["cuda_version"],
+        "cuda_version": version,
+        "cuda_sass_archs": [f"sm_{a}" for a in archs],
+        "cuda_ptx_archs": [f"compute_{a}" for a in ptx],
+        "min_driver": _ext.min_driver(version) if archs else {"sass": None, "ptx_jit": None},
         "cuda_device_available": _ext.cuda_device_available(),
+        "gpus": gpus,
+        "gpu_not_covered": not_covered,
         "backends_available": usable,
         "triton_interpreted": backends.triton_interpreted(),
         "torch_version": torch.__version__,

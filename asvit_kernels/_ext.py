@@ -7,10 +7,15 @@ machines, source checkouts), so this module swallows every error and records why
 * ``MISSING_REASON``: None when ``C`` loaded, else one sentence saying why it did not.
 * ``BUILD_CONFIG``: what setup.py decided (from the generated ``_build_config.py``).
 * ``cuda_device_available()``: ``C`` is loaded and sees at least one CUDA device.
+* ``min_driver(cuda_version)``, ``arch_coverage(capability, sass, ptx)``, ``gpu_coverage(...)``:
+  which NVIDIA driver a build needs and whether a GPU's compute capability is covered by the
+  SASS / PTX compiled into ``_C`` (pure functions: ``build_info()`` feeds them the real devices,
+  tests feed them fake capabilities).
 """
 from __future__ import annotations
 
 import importlib
+import re
 from types import ModuleType
 from typing import Any, Dict, Optional
 
@@ -74,4 +79,86 @@ def cuda_device_available() -> bool:
         return False
 
 
-__all__ = ["C", "MISSING_REASON", "BUILD_CONFIG", "cuda_device_available"]
+# The oldest driver a build can run on. A cudart linked statically talks to the driver directly:
+# CUDA 12.x binaries run on any driver of the 525 series or newer ("minor version compatibility"),
+# CUDA 13.x ones on 580 or newer. That holds for SASS; JIT-compiling the embedded PTX needs a driver
+# at least as new as the toolkit that wrote it (_PTX_JIT_DRIVER, from NVIDIA's release notes).
+_MIN_DRIVER = {11: "450", 12: "525", 13: "580"}
+_PTX_JIT_DRIVER = {"12.0": "525", "12.1": "530", "12.2": "535", "12.3": "545", "12.4": "550",
+                   "12.5": "555", "12.6": "560", "12.8": "570", "12.9": "575", "13.0": "580"}
+
+
+def min_driver(cuda_version: Optional[str]) -> Dict[str, Optional[str]]:
+    """{"sass": "580", "ptx_jit": "580"} for "13.0": the oldest driver series (None: unknown)."""
+    if not cuda_version:
+        return {"sass": None, "ptx_jit": None}
+    major = int(cuda_version.split(".")[0])
+    return {"sass": _MIN_DRIVER.get(major), "ptx_jit": _PTX_JIT_DRIVER.get(cuda_version)}
+
+
+def _arch_cc(arch: str) -> "tuple[int, int, str]":
+    """'86' -> (8, 6, ''), '90a' -> (9, 0, 'a'), '100' -> (10, 0, '')."""
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)([a-z]?)", str(arch))
+    if not m:
+        raise ValueError(f"arch: expected a GPU architecture such as '80' or '90a', got {arch!r}")
+    n = int(m.group(1))
+    return n // 10, n % 10, m.group(2)
+
+
+def ptx_archs(archs: "list[str]") -> "list[str]":
+    """The archs whose PTX is embedded: the highest one (CMakeLists.txt builds 'NN' for it and
+    'NN-real', SASS only, for the others)."""
+    if not archs:
+        return []
+    return [max(archs, key=lambda a: _arch_cc(a)[:2])]
+
+
+def arch_coverage(capability: "tuple[int, int]", sass: "list[str]", ptx: "list[str]") -> Optional[str]:
+    """How a GPU of compute capability ``(major, minor)`` runs ``_C``'s kernels.
+
+    ``"sass sm_XY"``: a binary for the same major and a minor <= the device's runs as is;
+    ``"ptx compute_XY"``: no SASS fits but PTX for a capability <= the device's is JIT-compiled by the
+    driver at first use; None: the GPU is not covered. Arch-specific targets ('90a') run only on
+    exactly that capability and their PTX is not forward compatible.
+    """
+    major, minor = int(capability[0]), int(capability[1])
+    fits = []
+    for a in sass:
+        am, an, suffix = _arch_cc(a)
+        if am == major and (an == minor if suffix == "a" else an <= minor):
+            fits.append((an, a))
+    if fits:
+        return f"sass sm_{max(fits)[1]}"
+    for a in ptx:
+        am, an, suffix = _arch_cc(a)
+        if not suffix and (am, an) <= (major, minor):
+            return f"ptx compute_{a}"
+    return None
+
+
+def gpu_coverage(devices: "list[tuple[int, str, tuple[int, int]]]", sass: "list[str]", ptx: "list[str]",
+                 cuda_version: Optional[str] = None) -> "tuple[list[dict], Optional[str]]":
+    """Per device ``(index, name, (major, minor))``: a dict with how it is covered, and one sentence
+    naming the devices that are not covered (None when all are, or when there is no device)."""
+    rows, missing = [], []
+    for index, name, cap in devices:
+        how = arch_coverage(cap, sass, ptx)
+        rows.append({"index": index, "name": name, "capability": f"{cap[0]}.{cap[1]}", "covered_by": how})
+        if how is None:
+            missing.append((index, name, cap))
+    if not missing:
+        return rows, None
+    built = ", ".join([f"sm_{a}" for a in sass] + [f"compute_{a} (PTX)" for a in ptx]) or "nothing"
+    gpus = "; ".join(f"GPU {i} ({n}, sm_{c[0]}{c[1]})" for i, n, c in missing)
+    volta = any(c[0] == 7 and c[1] < 5 for _, _, c in missing)
+    hint = ("install the +cu12 wheel (CUDA 12, built for sm_70) or build with a CUDA 12 toolkit and "
+            "ASVIT_CUDA_ARCHS=70" if volta and cuda_version and int(cuda_version.split(".")[0]) >= 13
+            else "rebuild with ASVIT_CUDA_ARCHS including " +
+            ";".join(sorted({f"{c[0]}{c[1]}" for _, _, c in missing})))
+    sentence = (f"{gpus}: not covered by asvit_kernels._C (built with CUDA {cuda_version} for {built}), "
+                f"so the cuda backend cannot run there (triton and torch still do); {hint}.")
+    return rows, sentence
+
+
+__all__ = ["C", "MISSING_REASON", "BUILD_CONFIG", "cuda_device_available", "min_driver", "ptx_archs",
+           "arch_coverage", "gpu_coverage"]
