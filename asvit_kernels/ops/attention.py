@@ -120,7 +120,7 @@ def _check_max(v, name: str) -> int:
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor] = None,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, causal: bool = False, *,
-                     backend: Optional[str] = None) -> Tensor:
+                     backend: Optional[str] = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed sequences of different lengths, one fused launch per pass.
 
     Positional order and meaning as flash-attn's ``flash_attn_varlen_func``.
@@ -137,6 +137,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         softmax_scale: defaults to ``D ** -0.5``.
         causal: query i of a sequence sees key j iff ``j <= i + len_k - len_q`` (bottom-right).
         backend: None/"auto", "torch", "triton" or "cuda".
+        return_lse: also return the log-sum-exp of each row's scaled scores, ``(H, total_q)``,
+            float32 (float64 for float64 input), -inf for a row with no visible key; detached (its
+            gradient is not propagated, as in flash-attn).
 
     Returns:
         ``(total_q, H, D)``. Rows of a sequence with no visible key are 0.
@@ -182,11 +185,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         max_q, max_k = (longest_q if max_q < 0 else max_q), (longest_k if max_k < 0 else max_k)
     impl = backends.pick("varlen_attention", q.device, backend, q.dtype)
     if _transforms.active():
+        if return_lse:  # the composite form computes no statistics
+            raise NotImplementedError("return_lse=True is not supported under torch.func transforms")
         from ..torch_backend.attention import varlen_composite
         return varlen_composite(q, k, v, cu_q, cu_k, float(softmax_scale), causal)
-    out, _ = _varlen_attention_op(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-                                  float(softmax_scale), causal, impl)
-    return out
+    out, lse = _varlen_attention_op(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+                                    float(softmax_scale), causal, impl)
+    return (out, lse.detach()) if return_lse else out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, seq_lens=None, *, softmax_scale: Optional[float] = None,
