@@ -67,15 +67,15 @@ class Probe(Retokenize):
     """Retokenize plus test hooks (its name stays "retokenize", so runs with and without the hooks
     have the same settings and resume each other):
 
-    * ``sigterm_at``: send this process SIGTERM after global step ``sigterm_at``;
+    * ``sigterm_at`` / ``sigint_at``: send this process SIGTERM / SIGINT after that global step;
     * ``crash_at``: raise ``Crash`` after global step ``crash_at`` (a kill without a checkpoint);
     * ``nan_at``: fill the first model parameter with NaN before global step ``nan_at``;
     * ``seen``: per finished epoch, (epoch, model tokenization, every EMA copy's tokenization)."""
 
     def __init__(self, stages=None, *, sigterm_at: Optional[int] = None, crash_at: Optional[int] = None,
-                 nan_at: Optional[int] = None):
+                 nan_at: Optional[int] = None, sigint_at: Optional[int] = None):
         super().__init__(two_stages() if stages is None else stages)
-        self.sigterm_at, self.crash_at, self.nan_at = sigterm_at, crash_at, nan_at
+        self.sigterm_at, self.crash_at, self.nan_at, self.sigint_at = sigterm_at, crash_at, nan_at, sigint_at
         self.seen: list[tuple[int, tuple, list]] = []
 
     def before_step(self, trainer, epoch, step_in_epoch, generator):
@@ -88,6 +88,8 @@ class Probe(Retokenize):
         super().after_step(trainer, epoch, step_in_epoch, loss)
         if self.sigterm_at is not None and trainer.step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.sigint_at is not None and trainer.step == self.sigint_at:
+            os.kill(os.getpid(), signal.SIGINT)
         if self.crash_at is not None and trainer.step == self.crash_at:
             raise Crash(f"simulated crash after step {trainer.step}")
 

@@ -95,10 +95,18 @@ def test_lr_at_without_warmup():
     ("ema_decays", (0.5, -0.1)), ("crop_scale", (0.5, 0.2)), ("crop_scale", (0.0, 1.0)), ("clip_grad", 0),
     ("epochs", True), ("epochs", 2.0), ("warmup_epochs", -1), ("label_smoothing", 1.5), ("drop_path", 1.0),
     ("log_every", 0), ("checkpoint_every", -1), ("eval_batches", 0), ("min_lr", -1.0),
+    ("lr", math.inf), ("lr", math.nan), ("warmup_epochs", math.inf), ("weight_decay", math.inf),
+    ("clip_grad", math.inf), ("min_lr", math.nan),
 ])
 def test_config_rejects_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_config_min_lr_must_not_exceed_lr():
+    with pytest.raises(ValueError, match=r"min_lr \(0.1\) must not exceed lr \(0.01\)"):
+        TrainConfig(lr=0.01, min_lr=0.1)
+    assert TrainConfig(lr=0.01, min_lr=0.01).min_lr == 0.01
 
 
 def test_config_normalises():
@@ -423,3 +431,147 @@ def test_no_ema_copies(tmp_path):
     summary = make(tmp_path, strategy=Strategy(), cfg=config(epochs=1, ema_decays=())).fit()
     assert summary["status"] == "finished" and summary["final_acc_ema"] is None
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model_ema.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- SIGINT, damaged checkpoints
+
+def test_sigint_mid_epoch_checkpoints_then_resume_is_bit_for_bit(reference, tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    first = make(tmp_path, strategy=Probe(sigint_at=11)).fit()  # Ctrl-C: like SIGTERM, no traceback
+    assert signal.getsignal(signal.SIGINT) is before
+    assert (first["status"], first["signal"], first["step"]) == ("interrupted", "SIGINT", 11)
+    assert ckpt.latest(tmp_path).name == "e0001-s00000011"
+    assert make(tmp_path).fit()["status"] == "finished"
+    assert_same_weights(reference[0], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A run paused after 2 epochs: checkpoints e0001-s00000008 and e0002-s00000016 (latest)."""
+    run_dir = tmp_path_factory.mktemp("two_epochs")
+    assert make(run_dir).fit(max_epochs_this_call=2)["status"] == "paused"
+    assert checkpoint_dirs(run_dir) == ["e0001-s00000008", "e0002-s00000016"]
+    return run_dir
+
+
+def _flip_finite(path):
+    """Overwrite 16 bytes of the last tensor with other finite float32 values (0.5)."""
+    data = bytearray(path.read_bytes())
+    data[-16:] = b"\x00\x00\x00?" * 4
+    path.write_bytes(bytes(data))
+
+
+def _edit_state(path):
+    state = json.loads(path.read_text())
+    state["epoch"] = 3  # still valid JSON with every key: only the digest can tell
+    path.write_text(json.dumps(state))
+
+
+def _drop_key(path):
+    state = json.loads(path.read_text())
+    del state["optimizer"]
+    path.write_text(json.dumps(state))
+
+
+DAMAGE = {
+    "flip": _flip_finite,
+    "truncate": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbage": lambda p: p.write_text("{not json"),
+    "edit": _edit_state,
+    "drop_key": _drop_key,
+    "delete": lambda p: p.unlink(),
+}
+
+
+@pytest.mark.parametrize("file, how", [
+    ("model.safetensors", "flip"), ("model.safetensors", "truncate"), ("model.safetensors", "empty"),
+    ("state.safetensors", "flip"), ("state.safetensors", "truncate"), ("rng-rank0.safetensors", "flip"),
+    ("state.json", "garbage"), ("state.json", "edit"), ("state.json", "drop_key"), ("state.json", "delete"),
+])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_epochs, tmp_path, caplog, file, how):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epochs, run_dir)
+    bad = ckpt.checkpoint_dir(run_dir) / "e0002-s00000016"
+    DAMAGE[how](bad / file)
+    trainer = make(run_dir)
+    with caplog.at_level("WARNING", logger="asvit_kernels.train.trainer"):
+        trainer.fit(max_epochs_this_call=0)  # resume only
+    assert (trainer.epoch, trainer.step) == (1, 8)  # the previous checkpoint
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "e0002-s00000016" in warned and file in warned and "damaged" in warned
+    assert ckpt.latest(run_dir).name == "e0001-s00000008"
+    assert checkpoint_dirs(run_dir) == ["e0001-s00000008", "e0002-s00000016.damaged"]
+    assert len(metrics(run_dir)) == 1  # the records of the lost epoch are dropped
+
+
+def test_fall_back_then_finish_equals_the_uninterrupted_run(reference, two_epochs, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epochs, run_dir)
+    _flip_finite(ckpt.checkpoint_dir(run_dir) / "e0002-s00000016" / "model.safetensors")
+    assert make(run_dir).fit()["status"] == "finished"
+    assert_same_weights(reference[0], run_dir)
+    assert metrics(run_dir) == metrics(reference[0])
+
+
+def test_no_good_checkpoint_left_is_one_line_naming_the_file(two_epochs, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epochs, run_dir)
+    for name in ("e0001-s00000008", "e0002-s00000016"):
+        _flip_finite(ckpt.checkpoint_dir(run_dir) / name / "model.safetensors")
+    with pytest.raises(ckpt.DamagedCheckpoint) as info:
+        make(run_dir).fit()
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg
+    assert str(ckpt.checkpoint_dir(run_dir) / "e0001-s00000008" / "model.safetensors") in msg
+    assert "no earlier good checkpoint" in msg and "--no-resume" in msg
+
+
+@pytest.mark.parametrize("fix_checksums", [False, True])
+def test_nan_weights_say_the_checkpoint_is_damaged(two_epochs, tmp_path, fix_checksums):
+    import shutil
+    from safetensors.torch import save
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epochs, run_dir)
+    for name in ("e0001-s00000008", "e0002-s00000016"):
+        path = ckpt.checkpoint_dir(run_dir) / name
+        weights = load_file(str(path / "model.safetensors"))
+        first = sorted(weights)[0]
+        weights[first] = torch.full_like(weights[first], float("nan"))
+        data = save(weights)
+        (path / "model.safetensors").write_bytes(data)
+        if fix_checksums:  # checksums that match: the finiteness check must still catch it
+            state = json.loads((path / "state.json").read_text())
+            sums = {**state.pop("checksums"), "model.safetensors": ckpt.sha256(data)}
+            state.pop("sha256")
+            ckpt.write_state(path / "state.json", state, sums)
+    with pytest.raises(ckpt.DamagedCheckpoint) as info:
+        make(run_dir).fit()
+    msg = str(info.value)
+    assert "damaged" in msg and "model.safetensors" in msg and "Lower the learning rate" not in msg
+    assert ("NaN or inf" in msg) == fix_checksums
+
+
+def test_checksums_are_recorded_for_every_file(reference):
+    latest = ckpt.latest(reference[0])
+    state = json.loads((latest / "state.json").read_text())
+    files = sorted(p.name for p in latest.iterdir() if p.name != "state.json")
+    assert sorted(state["checksums"]) == files
+    for name in files:
+        assert state["checksums"][name] == ckpt.sha256((latest / name).read_bytes())
+
+
+@pytest.mark.parametrize("content, needle", [("", "not valid JSON"), ("[1, 2]", "JSON object"),
+                                             ('{"x": 1}', "'dir'"), ('{"dir": "../../etc"}', "'dir' must name")])
+def test_damaged_latest_json_names_the_file(two_epochs, tmp_path, content, needle):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epochs, run_dir)
+    pointer = ckpt.checkpoint_dir(run_dir) / "latest.json"
+    pointer.write_text(content)
+    with pytest.raises(ValueError, match=needle) as info:
+        make(run_dir).fit()
+    assert str(pointer) in str(info.value) and "\n" not in str(info.value)
