@@ -74,6 +74,7 @@ def test_full_report(tmp_path):
         _check_png(tmp_path / "plots" / f"{name}.png")
     wall = _section(text, "Wall-clock")
     assert "1 h 02 min" in wall and "3782.3" in wall  # train stage; total
+    assert "summed over every call" in wall  # a resumed stage's time is the sum of its calls, and says so
     # trained member marked, genotype pipes escaped inside the table
     fam = _section(text, "Scaled family")
     marked = [ln for ln in fam.splitlines() if "-> 2" in ln]

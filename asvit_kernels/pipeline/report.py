@@ -297,7 +297,9 @@ def _wallclock_section(r: Mapping) -> list[str]:
         total += _num(s) if math.isfinite(_num(s)) else 0.0
         rows.append([name, _fmt(s, ".1f"), _fmt(_num(s) / 60, ".2f"), format_seconds(s)])
     rows.append(["**total**", f"**{total:.1f}**", f"**{total / 60:.2f}**", f"**{format_seconds(total)}**"])
-    return ["## Wall-clock", "", _table(["stage", "seconds", "minutes", "time"], rows, right=(1, 2, 3)), ""]
+    return ["## Wall-clock", "", _table(["stage", "seconds", "minutes", "time"], rows, right=(1, 2, 3)), "",
+            "A stage's time is summed over every call that ran it: a resumed stage counts each call, a killed call "
+            "up to its stage's last checkpoint (work redone after a kill counts again).", ""]
 
 
 def _search_section(r: Mapping, plot: str | None) -> list[str]:
