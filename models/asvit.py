@@ -373,15 +373,27 @@ class AsViT(DropPathRate, _Normed):
 
     # ------------------------------------------------------------------ forward
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, in_chans, H, W) -> (B, C_last): final LayerNorm, then mean over the last grid."""
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (B, H_4, W_4, C_last): the last stage's tokens, no final LayerNorm."""
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {shape}")
         self.stage_grids(tuple(x.shape[-2:]))
         for stage in self.stages:
             x = stage(x)
-        return self._norm(self.norm, x).mean(dim=(1, 2))
+        return x
+
+    def pooled_features(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (B, C_last): the last stage's tokens averaged over the grid BEFORE
+        the final LayerNorm; the released code's ``forward_features(x)[1]``, the output As-ViT's
+        indicators (kappa, L^E) differentiate. Behind a LayerNorm with weight 1 and bias 0 the
+        channel sum is the same for every input, so its NTK would hold only ``norm.weight``."""
+        return self.forward_tokens(x).mean(dim=(1, 2))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (B, C_last): final LayerNorm, then mean over the last grid (what
+        the classifier head reads)."""
+        return self._norm(self.norm, self.forward_tokens(x)).mean(dim=(1, 2))
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> (B, num_classes)."""

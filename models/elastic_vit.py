@@ -237,11 +237,26 @@ class ElasticViT(DropPathRate, nn.Module):
         self._spread_drop_path()
 
     def _spread_drop_path(self) -> None:
-        cfg = getattr(self, "config", None)
-        d = len(self.blocks) if cfg is None else cfg.depth
-        rates = drop_path_rates(self._drop_path_rate, d) + [0.0] * (len(self.blocks) - d)
+        slots = getattr(self, "slots", None)
+        slots = range(len(self.blocks)) if slots is None else slots
+        rates = [0.0] * len(self.blocks)
+        for s, p in zip(slots, drop_path_rates(self._drop_path_rate, len(slots))):
+            rates[s] = p
         for blk, p in zip(self.blocks, rates):
             blk.drop_path1.drop_prob = blk.drop_path2.drop_prob = p
+
+    def _check_slots(self, slots: Optional[Sequence[int]], depth: int) -> tuple[int, ...]:
+        """``slots`` as a tuple (default ``0..depth-1``): ``depth`` strictly increasing slot indices."""
+        if slots is None:
+            return tuple(range(depth))
+        if isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence):
+            raise TypeError(f"slots must be a sequence of slot indices, got {type(slots).__name__}")
+        out = tuple(slots)
+        if (len(out) != depth or not all(isinstance(k, int) and not isinstance(k, bool) for k in out)
+                or any(a >= b for a, b in zip(out, out[1:])) or (out and not 0 <= out[0] <= out[-1] < len(self.blocks))):
+            raise ValueError(f"slots must be {depth} strictly increasing slot indices in [0, {len(self.blocks)}), "
+                             f"got {slots!r}")
+        return out
 
     # ------------------------------------------------------------------ sub-networks
 
@@ -254,17 +269,22 @@ class ElasticViT(DropPathRate, nn.Module):
             tuple(width_range(self.sharing, s.qkv_dims, self.max_qkv, q) for q in cfg.qkv_dim),
             tuple(width_range(self.sharing, s.mlp_dims, self.max_mlp, m) for m in cfg.mlp_dim))
 
-    def set_subnet(self, config: SubnetConfig) -> SubnetConfig:
+    def set_subnet(self, config: SubnetConfig, slots: Optional[Sequence[int]] = None) -> SubnetConfig:
         """Select the sub-network the next forwards run (``ValueError`` outside the space or for
-        heads that do not divide a q/k/v width); returns the canonical config now active."""
+        heads that do not divide a q/k/v width); returns the canonical config now active.
+
+        ``slots``: the supernet slots its layers run in, in order (the others are identities).
+        Default ``0..depth-1`` (ViTAS identity shifting); AutoProg's grown supernet keeps its old
+        layers through ``models.growth.supernet_slots``."""
         cfg = self.space.validate(config)
+        slots = self._check_slots(slots, cfg.depth)
         r = self.channel_ranges(cfg)
         self.patch_embed[str(cfg.patch_size)].set_range(None, r.embed)
-        for l in range(cfg.depth):
-            self.blocks[l].set_subnet(r.embed, r.qkv[l], cfg.heads[l], r.mlp[l])
+        for l, k in enumerate(slots):
+            self.blocks[k].set_subnet(r.embed, r.qkv[l], cfg.heads[l], r.mlp[l])
         self.norm.set_range(r.embed)
         self.head.set_range(r.embed, None)
-        self.config, self.ranges = cfg, r
+        self.config, self.ranges, self.slots = cfg, r, slots
         self._spread_drop_path()
         return cfg
 
@@ -298,8 +318,8 @@ class ElasticViT(DropPathRate, nn.Module):
         grid = self.img_size // p
         pos = resample_pos_embed(_channels(self.pos_embed[key], e), (grid, grid), (H // p, W // p), 1)
         t = torch.cat([_channels(self.cls_token[key], e).expand(B, -1, -1), t], 1) + pos
-        for blk in self.blocks[:cfg.depth]:
-            t = blk(t)
+        for k in self.slots:
+            t = self.blocks[k](t)
         return self.norm(t)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -308,8 +328,10 @@ class ElasticViT(DropPathRate, nn.Module):
 
     # ------------------------------------------------------------------ dense sub-networks
 
-    def _slices(self, cfg: SubnetConfig) -> list[_Slice]:
-        """Every dense ``ViT`` parameter of ``cfg`` as index tensors into the shared parameters."""
+    def _slices(self, cfg: SubnetConfig, slots: Optional[Sequence[int]] = None) -> list[_Slice]:
+        """Every dense ``ViT`` parameter of ``cfg`` (layer l in slot ``slots[l]``, default slot l) as
+        index tensors into the shared parameters."""
+        slots = self._check_slots(slots, cfg.depth)
         r = self.channel_ranges(cfg)
         dev = self.head.weight.device
         idx = lambda rng, size: channel_indices(rng, size, dev)  # noqa: E731
@@ -324,7 +346,7 @@ class ElasticViT(DropPathRate, nn.Module):
                _Slice("head.bias", None, self.head.bias, (None,))]
         Q = self.max_qkv
         for l in range(cfg.depth):
-            blk, pre, w = self.blocks[l], f"blocks.{l}.", cfg.qkv_dim[l]
+            blk, pre, w = self.blocks[slots[l]], f"blocks.{l}.", cfg.qkv_dim[l]
             q, m = idx(r.qkv[l], Q), idx(r.mlp[l], self.max_mlp)
             for n in ("norm1", "norm2"):
                 ln = getattr(blk, n)
@@ -357,15 +379,17 @@ class ElasticViT(DropPathRate, nn.Module):
                    backend=self.backend)
 
     @torch.no_grad()
-    def extract_subnet(self, config: SubnetConfig) -> ViT:
+    def extract_subnet(self, config: SubnetConfig, slots: Optional[Sequence[int]] = None) -> ViT:
         """A standalone dense ``ViT`` of ``config`` (same device and dtype) holding copies of its
-        slices of the shared weights: its outputs equal this supernet's under ``config``. The
-        copies are made once, here (index_select); the result shares no storage with the supernet."""
+        slices of the shared weights: its outputs equal this supernet's under
+        ``set_subnet(config, slots)``. The copies are made once, here (index_select); the result
+        shares no storage with the supernet."""
         cfg = self.space.validate(config)
+        slots = self._check_slots(slots, cfg.depth)
         ref = self.head.weight
         vit = self._dense_shell(cfg).to(device=ref.device, dtype=ref.dtype)
         state = vit.state_dict()
-        for s in self._slices(cfg):
+        for s in self._slices(cfg, slots):
             t = s.src
             for dim, i in enumerate(s.index):
                 if i is not None:
@@ -376,16 +400,17 @@ class ElasticViT(DropPathRate, nn.Module):
         return vit
 
     @torch.no_grad()
-    def load_subnet(self, config: SubnetConfig, model: ViT) -> "ElasticViT":
+    def load_subnet(self, config: SubnetConfig, model: ViT, slots: Optional[Sequence[int]] = None) -> "ElasticViT":
         """The inverse of ``extract_subnet``: write a dense ``ViT`` of ``config``'s shape into this
         supernet's slices (AutoProg recycling a trained sub-network). Channels outside ``config``
         are left as they are. Returns self."""
         cfg = self.space.validate(config)
+        slots = self._check_slots(slots, cfg.depth)
         shell = self._dense_shell(cfg).state_dict()
         state = model.state_dict()
         if set(state) != set(shell) or any(state[k].shape != shell[k].shape for k in shell):
             raise ValueError("model does not have the shape of the dense ViT of this config")
-        for s in self._slices(cfg):
+        for s in self._slices(cfg, slots):
             src = state[s.name] if s.rows is None else state[s.name][s.rows]
             full = [torch.arange(n, device=s.src.device) if i is None else i for n, i in zip(s.src.shape, s.index)]
             grid = torch.meshgrid(*full, indexing="ij")
@@ -395,16 +420,20 @@ class ElasticViT(DropPathRate, nn.Module):
     # ------------------------------------------------------------------ growth
 
     @torch.no_grad()
-    def grow(self, old_depth: int, new_depth: int, *, source: Optional["ElasticViT"] = None) -> "ElasticViT":
-        """MoGrow depth growth in place (ALGORITHMS.md, AutoProg): the model trained so far used slots
-        ``0..old_depth-1``; after growth slot ``k < new_depth`` holds a copy of ``source``'s slot
-        ``new_layer_sources(old_depth, new_depth)[k]`` (whole slot: every width, every private q/k),
-        and every non-block parameter is ``source``'s. ``source`` is the slowest EMA copy (an
-        ElasticViT of the same shape; default self). Slots ``>= new_depth`` are left as they are.
-        Widths need no growth operator here: the supernet already holds the widest. Returns self."""
+    def grow(self, old_depth: int, new_depth: int, *, source: Optional["ElasticViT"] = None,
+             old_slots: Optional[Sequence[int]] = None) -> "ElasticViT":
+        """MoGrow depth growth in place (ALGORITHMS.md, AutoProg): old layer i is ``source``'s slot
+        ``old_slots[i]`` (default ``0..old_depth-1``: the slots the model trained so far); after
+        growth slot ``k < new_depth`` holds a copy of old layer ``new_layer_sources(old_depth,
+        new_depth)[k]`` (whole slot: every width, every private q/k), and every non-block parameter
+        is ``source``'s. ``source`` is the slowest EMA copy (an ElasticViT of the same shape;
+        default self). Slots ``>= new_depth`` are left as they are. Widths need no growth operator
+        here: the supernet already holds the widest. Returns self."""
         if not 1 <= new_depth <= self.space.num_slots:
             raise ValueError(f"new_depth must be in [1, {self.space.num_slots}] (the slots), got {new_depth}")
-        srcs = new_layer_sources(old_depth, new_depth)
+        layers = new_layer_sources(old_depth, new_depth)   # checks the depths
+        old = self._check_slots(old_slots, old_depth)
+        srcs = [old[i] for i in layers]
         src = self if source is None else source
         mine = self.state_dict()
         theirs = src.state_dict()

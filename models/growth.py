@@ -26,7 +26,7 @@ import torch
 
 from .vit import ViT
 
-__all__ = ["new_layer_sources", "grow_depth", "grow_width"]
+__all__ = ["new_layer_sources", "new_layer_slots", "supernet_slots", "grow_depth", "grow_width"]
 
 Tensor = torch.Tensor
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.*)")
@@ -48,6 +48,29 @@ def new_layer_sources(old_depth: int, new_depth: int) -> list[int]:
         raise ValueError(f"growth cannot remove layers: new_depth {new_depth} < old_depth {old_depth}")
     base, extra = divmod(new_depth, old_depth)
     return [i for i in range(old_depth) for _ in range(base + (i >= old_depth - extra))]
+
+
+def new_layer_slots(old_depth: int, new_depth: int) -> list[int]:
+    """The slots of a grown model that hold a NEW copy: those whose source layer is the previous
+    slot's (the second copy of each duplicated layer; AutoProg's ``get_new_layer_idx``).
+    9 -> 12: [7, 9, 11]."""
+    src = new_layer_sources(old_depth, new_depth)
+    return [k for k in range(1, new_depth) if src[k] == src[k - 1]]
+
+
+def supernet_slots(depth: int, old_depth: int, new_depth: int) -> list[int]:
+    """The slots a depth-``depth`` sub-network runs in a supernet grown ``old_depth -> new_depth``
+    (ALGORITHMS.md, "Depth inside a grown supernet"; AutoProg's ``set_sample_config``).
+
+    Every old layer is kept; of the new copies (``new_layer_slots``) the first
+    ``#copies - (depth - old_depth)`` are skipped. So ``depth == old_depth`` is exactly the
+    pre-growth network (9 -> 18 at depth 9: slots [0, 2, ..., 16], old layers 0..8 once each) and
+    larger depths re-admit the copies from the end. Needs ``old_depth <= depth <= new_depth``."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or not old_depth <= depth <= new_depth:
+        raise ValueError(f"depth must be an int in [old_depth={old_depth}, new_depth={new_depth}], got {depth!r}")
+    copies = new_layer_slots(old_depth, new_depth)
+    skipped = set(copies[:len(copies) - (depth - old_depth)])
+    return [k for k in range(new_depth) if k not in skipped]
 
 
 def _vit_kwargs(model: ViT) -> dict:

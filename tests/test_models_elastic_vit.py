@@ -334,3 +334,34 @@ def test_drop_path_acts_only_in_training_mode():
     m.train()
     torch.manual_seed(0)
     assert not torch.allclose(m(x), m0(x))
+
+
+def test_explicit_slots_run_those_blocks_and_extract_them():
+    """AutoProg's grown supernet runs chosen slots (not 0..d-1): set_subnet(config, slots)."""
+    m = supernet("first")
+    cfg = SubnetConfig(8, 36, (3, 4), (24, 32), (96, 48))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    m.set_subnet(cfg, (1, 3))
+    assert m.slots == (1, 3)
+    y = m(x)
+    with torch.no_grad():  # slots 0 and 2 are identities now
+        for p in list(m.blocks[0].parameters()) + list(m.blocks[2].parameters()):
+            p.add_(1.0)
+    assert torch.equal(m(x), y)
+    assert rel_err(y, m.extract_subnet(cfg, (1, 3))(x)) <= 1e-10
+    assert rel_err(y, m.extract_subnet(cfg)(x)) > 1e-3     # slots 0, 1 hold other weights
+    m.set_subnet(cfg)
+    assert m.slots == (0, 1)
+    for bad in [(1,), (3, 1), (0, SPACE.num_slots), (1, 1)]:
+        with pytest.raises(ValueError, match="slots"):
+            m.set_subnet(cfg, bad)
+    with pytest.raises(TypeError, match="slots"):
+        m.set_subnet(cfg, "01")
+
+
+def test_grow_from_explicit_old_slots():
+    m = supernet("first")
+    src = {k: m.blocks[k].mlp["fc1"].weight.clone() for k in range(SPACE.num_slots)}
+    m.grow(2, 4, old_slots=(1, 3))                            # old layers live in slots 1 and 3
+    for k, old in enumerate([1, 1, 3, 3]):
+        assert torch.equal(m.blocks[k].mlp["fc1"].weight, src[old])

@@ -46,7 +46,7 @@ def circles_by_rule(repeats, seed, n_points=10):
 
 
 def features(m, x):
-    return m.forward_features(x)
+    return m.pooled_features(x)
 
 
 # ----------------------------------------------------------------------------- against the loops
@@ -142,7 +142,7 @@ class Constant(nn.Module):
         self.use_norm = enabled
         return self
 
-    def forward_features(self, x):
+    def pooled_features(self, x):
         y = self.lin(x.mean((2, 3)))
         if self.blow_up and not self.use_norm:
             return y * math.inf

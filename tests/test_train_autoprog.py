@@ -206,29 +206,30 @@ def test_manual_schedule_mogrow_from_the_slowest_ema():
     for epoch, old, new in ((1, 2, 3), (3, 3, 6)):
         if epoch == 3:
             s.on_epoch_start(t, 2)  # same depth: only the optimizer is reset
-            assert t.optimizer_resets == 2 and t.ema_resets == 1
+            assert t.optimizer_resets == 2 and t.ema_resets == 0
             assert all(torch.equal(v, model.state_dict()[k]) for k, v in state_of(model).items())
             fake_steps(t, s, 2)
-        ema = state_of(t.emas[-1].module)
+        emas = [state_of(e.module) for e in t.emas]
         mine = state_of(model)
-        assert any(not torch.equal(ema[k], mine[k]) for k in ema)  # the EMA differs from the model
+        assert any(not torch.equal(emas[-1][k], mine[k]) for k in mine)  # the EMA differs from the model
         resets = t.optimizer_resets
         s.on_epoch_start(t, epoch)
         srcs = new_layer_sources(old, new)
-        now = model.state_dict()
-        for name, v in now.items():
-            if not name.startswith("blocks."):
-                assert torch.equal(v, ema[name]), name  # non-block parameters: the slowest EMA's
-                continue
-            _, slot, rest = name.split(".", 2)
-            slot = int(slot)
-            if slot < new:  # old layers included: every active slot is a copy of an EMA slot
-                assert torch.equal(v, ema[f"blocks.{srcs[slot]}.{rest}"]), name
-            else:
-                assert torch.equal(v, mine[name]), name
-        assert t.optimizer_resets == resets + 1
-        for e in t.emas:  # every EMA restarted from the grown model
-            assert all(torch.equal(a, now[k]) for k, a in e.module.state_dict().items())
+        # The model grows from the slowest EMA; each EMA copy from its own previous self.
+        for grown, before in [(model, emas[-1])] + [(e.module, b) for e, b in zip(t.emas, emas)]:
+            for name, v in grown.state_dict().items():
+                if not name.startswith("blocks."):
+                    assert torch.equal(v, before[name]), name  # non-block parameters: the source's
+                    continue
+                _, slot, rest = name.split(".", 2)
+                slot = int(slot)
+                if slot < new:  # old layers included: every active slot is a copy of a source slot
+                    assert torch.equal(v, before[f"blocks.{srcs[slot]}.{rest}"]), name
+                elif grown is not model:
+                    assert torch.equal(v, before[name]), name
+                else:
+                    assert torch.equal(v, mine[name]), name
+        assert t.optimizer_resets == resets + 1 and t.ema_resets == 0
         assert model.config.depth == new and s.input_size() == s.sizes[epoch]
         rec = [r for r in t.records if r.get("event") == "autoprog_stage"][-1]
         assert rec["grown"] == [old, new] and "0.99" in rec["grown_from"]
@@ -272,15 +273,17 @@ def test_on_epoch_start_is_idempotent_and_before_step_reselects():
 
 def test_search_candidates():
     manual = [128, 160, 192, 224]
-    kw = dict(max_size=224, max_depth=18, size_multiple=32, manual=manual)
+    kw = dict(max_size=224, max_depth=18, size_multiple=32, sizes=manual, depths=[9, 12, 15, 18])
     assert search_candidates(**kw) == [(r, l) for r in (128, 192, 224) for l in (9, 15, 18)]
-    assert search_candidates(**kw, current=(128, 9)) == [(r, l) for r in (128, 160) for l in (9, 10, 11, 12)]
-    assert search_candidates(**kw, current=(192, 16)) == [(r, l) for r in (192, 224) for l in (16, 17, 18)]
+    assert search_candidates(**kw, current=(128, 9)) == [(r, l) for r in (128, 160) for l in (12, 15, 18)]
+    assert search_candidates(**kw, current=(192, 16)) == [(r, l) for r in (192, 224) for l in (18,)]
     assert search_candidates(**kw, current=(224, 18)) == [(224, 18)]
-    assert search_candidates(max_size=224, max_depth=12, size_multiple=32, manual=manual) == \
+    assert search_candidates(max_size=224, max_depth=12, size_multiple=32, sizes=manual, depths=[6, 8, 10, 12]) == \
         [(r, l) for r in (128, 192, 224) for l in (6, 10, 12)]
-    assert search_candidates(max_size=32, max_depth=6, size_multiple=8, manual=[16, 24, 24, 32]) == \
-        [(r, l) for r in (16, 24, 32) for l in (3, 5, 6)]
+    assert search_candidates(max_size=32, max_depth=6, size_multiple=8, sizes=[16, 24, 24, 32],
+                             depths=[3, 4, 5, 6]) == [(r, l) for r in (16, 24, 32) for l in (3, 5, 6)]
+    assert search_candidates(max_size=32, max_depth=6, size_multiple=8, sizes=[16, 24, 24, 32],
+                             depths=[3, 4, 5, 6], current=(16, 3)) == [(r, l) for r in (16, 24) for l in (4, 5, 6)]
 
 
 def test_fit_power_law_recovers_c_and_a():
@@ -295,10 +298,38 @@ def test_fit_power_law_recovers_c_and_a():
         fit_power_law([1.0], [1.0, 2.0])
 
 
+def _sse(c, a, times, losses):
+    return float(sum((c * t ** a - y) ** 2 for t, y in zip(times, losses)))
+
+
+def test_fit_power_law_least_squares_in_linear_space():
+    """As released (scipy curve_fit): the fit minimises the squared error of the losses, not of
+    their logs, so it beats the log-log line on that error and is a stationary point of it."""
+    times = [1.0, 2.0, 4.0, 8.0, 3.0]
+    losses = [2.0, 1.2, 1.0, 0.95, 1.3]
+    c, a = fit_power_law(times, losses)
+    a_log, log_c = np.polyfit(np.log(times), np.log(losses), 1)
+    assert abs(a - a_log) > 1e-3                                      # a different fit ...
+    assert _sse(c, a, times, losses) < _sse(np.exp(log_c), a_log, times, losses)  # ... and a better one
+    for dc, da in [(1e-4, 0), (-1e-4, 0), (0, 1e-4), (0, -1e-4)]:
+        assert _sse(c, a, times, losses) <= _sse(c + dc, a + da, times, losses)
+
+
+def test_fit_power_law_falls_back_to_the_log_log_line_and_says_so(monkeypatch, caplog):
+    def no_convergence(*args, **kwargs):
+        raise RuntimeError("Optimal parameters not found")
+    monkeypatch.setattr(autoprog.scipy.optimize, "curve_fit", no_convergence)
+    times, losses = [1.0, 2.0, 4.0], [2.0, 1.5, 1.4]
+    a_log, log_c = np.polyfit(np.log(times), np.log(losses), 1)
+    with caplog.at_level("WARNING", logger="asvit_kernels.train.autoprog"):
+        assert fit_power_law(times, losses) == (pytest.approx(np.exp(log_c)), pytest.approx(a_log))
+    assert "curve_fit" in caplog.text and "log-log" in caplog.text
+
+
 def test_select_candidate_is_the_argmin_of_loss_times_time_to_the_w():
     times = [1.0, 2.0, 4.0, 8.0, 3.0]
     losses = [2.0, 1.2, 1.0, 0.95, 1.3]
-    a_fit = np.polyfit(np.log(times), np.log(losses), 1)[0]
+    a_fit = fit_power_law(times, losses)[1]
     best, a, w, scores = select_candidate(times, losses)
     assert a == pytest.approx(a_fit) and w == pytest.approx(-a_fit) and w > 0
     expected = [lo * t ** -a_fit for t, lo in zip(times, losses)]
@@ -312,7 +343,7 @@ def test_select_candidate_is_the_argmin_of_loss_times_time_to_the_w():
     assert scores[1] == math.inf and best in (0, 2)
 
 
-def test_search_scores_candidates_with_the_slowest_ema_and_trains_the_winner(monkeypatch):
+def test_search_scores_candidates_with_the_fastest_ema_and_trains_the_winner(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(autoprog, "_clock", lambda: now[0])
     model = tiny_model()
@@ -340,10 +371,10 @@ def test_search_scores_candidates_with_the_slowest_ema_and_trains_the_winner(mon
     rec = s.state_dict()["searches"][0]
     assert [(c["size"], c["depth"]) for c in rec["candidates"]] == cands
     assert sum(c["steps"] for c in rec["candidates"]) == t.steps_per_epoch
-    ema = copy.deepcopy(t.emas[-1].module)
+    ema = copy.deepcopy(t.emas[0].module)   # the fastest EMA copy scores, as released
     losses, times = [], []
     for c in rec["candidates"]:
-        ema.set_subnet(config_for_depth(ema, c["depth"]))
+        ema.set_subnet(config_for_depth(ema, c["depth"]), s.slots_for(c["depth"]))
         with torch.no_grad():
             losses.append(np.mean([float(F.cross_entropy(ema(t.resize(x, c["size"]) if c["size"] != 32 else x), y))
                                    for x, y in t.val[:2]]))
@@ -368,7 +399,7 @@ def test_search_scores_candidates_with_the_slowest_ema_and_trains_the_winner(mon
     s.on_epoch_start(t, 2)
     assert s.describe() == {"strategy": "autoprog", "stage": 1, "size": 32, "depth": 6, "searching": False}
     assert model.config.depth == 6 and t.optimizer_resets == resets + 1
-    assert t.ema_resets == (1 if 6 > l0 else 0)
+    assert t.ema_resets == 0
 
 
 def test_middle_stages_search_around_the_previous_winner():
@@ -380,7 +411,8 @@ def test_middle_stages_search_around_the_previous_winner():
     s._size, s._depth = 16, 3  # as if stage 0's search had picked (16, 3)
     s._searching = False
     s.on_epoch_start(t, 1)
-    nxt = search_candidates(max_size=32, max_depth=6, size_multiple=8, manual=s.sizes, current=(16, 3))
+    nxt = search_candidates(max_size=32, max_depth=6, size_multiple=8, sizes=s.sizes, depths=s.depths,
+                            current=(16, 3))
     assert s.state_dict()["candidates"] == [list(c) for c in nxt]
     assert model.config.depth == max(l for _, l in nxt) == 6 and s.describe()["searching"]
 
@@ -424,6 +456,7 @@ def test_state_dict_round_trip_resumes_the_same_configuration():
         assert s2.describe() == s.describe()
         assert s2.state_dict() == state
         assert model2.config == config_for_depth(model2, s.describe()["depth"])  # searching: the grown depth
+        assert list(model2.slots) == s.slots_for(s.describe()["depth"])
         assert t2.optimizer_resets == t2.ema_resets == 0
         assert all(torch.equal(v, model2.state_dict()[k]) for k, v in weights.items())
     with pytest.raises(ValueError, match="keys"):

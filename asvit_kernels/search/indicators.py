@@ -3,7 +3,10 @@ condition number kappa (trainability, lower is better), the length distortion L^
 higher is better), and ``evaluate`` = both plus the size of the full model, as the search reports it.
 
 Settings (As-ViT's): a batch of images (16 in the paper), ``repeats`` = 5 fresh initialisations of
-the proxy network, the pooled last-stage feature (``forward_features``) as the output.
+the proxy network, the last stage's tokens mean-pooled before the final LayerNorm
+(``AsViT.pooled_features``, the released code's ``forward_features(x)[1]``) as the output. That
+LayerNorm must stay out: at initialisation (weight 1, bias 0) the channel sum of its output is the
+same for every input, so every gradient but ``norm.weight``'s would vanish from kappa.
 
 * kappa: the NTK over the parameters whose name contains "weight", LayerNorms on, float64
   ``eigvalsh``; the mean over the initialisations, all of them in one vmapped pass of
@@ -26,7 +29,7 @@ Sources. ``genotype_or_model_factory`` is a genotype (string or ``Genotype``), b
 ``AsViT.from_genotype(g, embed_dim=embed_dim, depths=depths, num_classes=0, img_size=<images'>)``
 (``num_classes=0``: no head, the indicators never use it), or a callable ``factory(seed) -> nn.Module``
 called with ``init_seed(s, r)`` under that seed; it must return a fresh module with
-``forward_features(x) -> (B, ...)``, and ``set_norm(bool)`` (LayerNorm switch) when it has norms
+``pooled_features(x) -> (B, ...)`` (the differentiated output), and ``set_norm(bool)`` (LayerNorm switch) when it has norms
 to switch (modules without ``set_norm`` are used as they are).
 """
 from __future__ import annotations
@@ -133,8 +136,8 @@ def _isolated_rng() -> Iterator[None]:
 
 
 def features(model: nn.Module, x: Tensor) -> Tensor:
-    """The indicators' output: ``model.forward_features(x)``, ``(B, C)`` pooled features."""
-    return model.forward_features(x)
+    """The indicators' output: ``model.pooled_features(x)``, ``(B, C)`` pooled pre-norm features."""
+    return model.pooled_features(x)
 
 
 def _factory(source: Source, embed_dim: Optional[int], depths: Optional[Sequence[int]],
@@ -175,8 +178,8 @@ def proxy_models(genotype_or_model_factory: Source, img_size: Union[int, Sequenc
             s = init_seed(seed, r)
             torch.manual_seed(s)
             m = build(s)
-            if not isinstance(m, nn.Module) or not callable(getattr(m, "forward_features", None)):
-                raise ValueError("genotype_or_model_factory must return an nn.Module with forward_features, "
+            if not isinstance(m, nn.Module) or not callable(getattr(m, "pooled_features", None)):
+                raise ValueError("genotype_or_model_factory must return an nn.Module with pooled_features, "
                                  f"got {type(m).__name__}")
             models.append(m.to(device=device, dtype=dtype).eval())
     return models
@@ -247,7 +250,7 @@ def kappa(genotype_or_model_factory: Source, images: Tensor, *, repeats: int = 5
           models_per_pass: Optional[int] = None, backend: Optional[str] = None,
           dtype: Optional[torch.dtype] = None) -> float:
     """As-ViT's trainability indicator: the mean over ``repeats`` fresh initialisations of
-    lambda_max / lambda_min of the NTK of ``forward_features`` on ``images``. Lower is better;
+    lambda_max / lambda_min of the NTK of ``pooled_features`` on ``images``. Lower is better;
     ``inf`` for a degenerate network.
 
     Args:
@@ -283,7 +286,7 @@ def length_distortion(genotype_or_model_factory: Source, input_shape_or_images, 
                       n_points: int = 10, embed_dim: Optional[int] = None, depths: Optional[Sequence[int]] = None,
                       seed: int = 0, dtype: Optional[torch.dtype] = None) -> float:
     """As-ViT's expressivity indicator: the mean over ``repeats`` fresh initialisations (LayerNorms
-    bypassed) of ``sum_n || d forward_features(x(theta_n)) / d theta ||_2`` along an
+    bypassed) of ``sum_n || d pooled_features(x(theta_n)) / d theta ||_2`` along an
     ``n_points``-point circle through input space, a fresh circle per initialisation. Higher is
     better; 0.0 when non-finite.
 

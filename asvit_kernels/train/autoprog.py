@@ -3,9 +3,12 @@ size and depth, with MoGrow (growth from the slowest EMA copy) and, optionally, 
 search that picks each stage's (size, depth) by ``loss * time^w``.
 
 The model is an ``ElasticViT`` supernet whose elastic dimension is the depth
-(``elastic_vit_for_autoprog``: a DeiT shape with depths 1..L). Parameter shapes never change: a
-stage of depth l trains slots 0..l-1 (``set_subnet(config_for_depth(model, l))``), so a checkpoint
-is always the same tensors (the ``Strategy`` contract).
+(``elastic_vit_for_autoprog``: a DeiT shape with depths 1..L). Parameter shapes never change, so a
+checkpoint is always the same tensors (the ``Strategy`` contract). Which slots a depth-l
+sub-network runs follows the released code (``set_sample_config``): after a growth l_old -> l_new
+the supernet's depth-l sub-network (l_old <= l <= l_new) runs ``models.growth.supernet_slots(l,
+l_old, l_new)``, i.e. every old layer and only as many new copies as l allows, so depth l_old is
+exactly the pre-growth network. Before any growth, depth l runs slots 0..l-1.
 
 Stages. ``stage_bounds(E, K)``: stage k covers epochs ``[round(k E / K), round((k + 1) E / K))``,
 rounding halves up (computed exactly in integers). With fewer epochs than stages some stages are
@@ -18,32 +21,35 @@ max_depth)`` (at least 1), or the given ``sizes`` / ``depths``. For 224 / 18 and
 
 Stage change (``on_epoch_start`` of a stage's first epoch, except for the first stage a run trains):
 the optimizer is reset (``trainer.reset_optimizer()``: a fresh optimizer state per stage), and when
-the depth grows, MoGrow: ``model.grow(old, new, source=trainer.emas[-1].module)`` makes the WHOLE
-model (old layers included, every non-block parameter too) the slowest EMA copy grown with
-``models.growth.new_layer_sources``, then ``trainer.reset_emas()`` restarts every EMA copy from the
-grown model. Without EMAs (``TrainConfig.ema_decays`` empty) the model grows from itself (logged).
+the depth grows, MoGrow: ``model.grow(old, new, source=trainer.emas[-1].module, old_slots=...)``
+makes the WHOLE model (old layers included, every non-block parameter too) the slowest EMA copy
+grown with ``models.growth.new_layer_sources``, and every EMA copy grows the same way from ITS OWN
+previous copy (the released ``--load-with-clone-ema`` path; no EMA is restarted). Without EMAs
+(``TrainConfig.ema_decays`` empty) the model grows from itself (logged).
 
 Regularisation: ``drop_path_scale`` rises linearly over the stages from ``reg_scale[0]`` to
 ``reg_scale[1]`` (the trainer multiplies ``TrainConfig.drop_path`` by it). Only drop path is scaled:
 RandAugment and random erasing, which the paper also scales, are not part of our training loop.
 
 Growth-schedule search (``search=True``). At the start of stage k the model grows (MoGrow, as above)
-to the largest candidate depth; for the stage's first ``search_epochs`` epochs (at least one, at
-most the stage) every step trains a random candidate (r, l) drawn with the trainer's per-step
-generator (identical on every rank), at input size r with the first l blocks (the others are
-identities). Each candidate's step time is measured from ``before_step`` to ``after_step``
+to the largest candidate depth (the first stage, as released, from the first manual depth); for
+the stage's first ``search_epochs`` epochs (at least one, at most the stage) every step trains a
+random candidate (r, l) drawn with the trainer's per-step generator (identical on every rank), at
+input size r with the grown supernet's depth-l slots (the others are identities). Each candidate's step time is measured from ``before_step`` to ``after_step``
 (``time.perf_counter``, CUDA synchronised at both ends); its time is the median over its steps
 (robust to warm-up steps), from at most the last ``_MAX_TIMES`` of them. At the end of the last
-search epoch every candidate is scored on ``eval_batches`` held-out batches by the slowest EMA
-copy (the model itself when there is none) set to its depth, images resized to r: mean
-cross-entropy ``loss``. ``fit_power_law`` fits ``loss ~ c * time^a`` (least squares on log-log,
-``numpy.polyfit``), ``w = max(-a, 0)`` and ``score = loss * time^w``; the lowest score wins
+search epoch every candidate is scored on ``eval_batches`` held-out batches by the FASTEST EMA
+copy (decay 0.998 in the released script; the model itself when there is none) set to its depth,
+images resized to r: mean cross-entropy ``loss``. ``fit_power_law`` fits ``loss ~ c * time^a`` in
+linear space (``scipy.optimize.curve_fit``, as released; a log-log line only when that fails,
+logged), ``w = max(-a, 0)`` and ``score = loss * time^w``; the lowest score wins
 (``select_candidate``). Rank 0's decision is broadcast (``search.distributed.broadcast_object``)
 since step times differ per rank. The winner is selected in the supernet (parameters recycled:
 nothing is copied, training continues on its slots) for the rest of the stage. Candidates: first
 stage r in {1/2, 5/6, 1} x max_size (rounded like the manual sizes) x l in {round(L/2), round(5L/6),
 L} (128/192/224 x 9/15/18 for 224 / 18); later stages r in {current, the next manual size above it}
-x l in {current, ..., current + 3} capped at ``max_depth``. Candidates never sampled (too few steps)
+x l in the next (at most 3) manual depths strictly above the current one ({current} when none is
+above: from (128, 9) with manual depths 9, 12, 15, 18 that is {12, 15, 18}). Candidates never sampled (too few steps)
 get no time and cannot win. The records (times, losses, scores, a, w, the winner) are logged with
 ``trainer.log`` and kept in ``state_dict()["searches"]`` for reports.
 
@@ -51,7 +57,8 @@ Evaluation: ``prepare_eval`` selects the current stage's depth (while searching:
 candidate) in the evaluated module; evaluation runs at the data's native size (the trainer's
 choice), so the numbers of different stages are comparable.
 
-Resume: ``state_dict()`` is JSON (stage, depth, size, search progress and records, chosen configs).
+Resume: ``state_dict()`` is JSON (stage, depth, size, the supernet's growth layout, search progress
+and records, chosen configs).
 ``on_train_start(resumed=True)`` re-selects the stored configuration without growing or touching a
 weight; ``on_epoch_start`` of an epoch whose stage is already set does nothing (idempotent).
 """
@@ -61,13 +68,16 @@ import logging
 import math
 import statistics
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
+import scipy.optimize
 import torch
 import torch.nn.functional as F
 
 from asvit_kernels.models.elastic_vit import ElasticViT
+from asvit_kernels.models.growth import supernet_slots
 from asvit_kernels.models.subnet import SubnetConfig, SubnetSpace
 from asvit_kernels.search.distributed import broadcast_object
 
@@ -83,7 +93,7 @@ logger = logging.getLogger(__name__)
 
 #: Step times kept per candidate (the most recent ones): bounds the JSON state of a long search.
 _MAX_TIMES = 256
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the growth layout
 _clock = time.perf_counter  # the step-time clock (tests substitute a fake one)
 
 
@@ -169,30 +179,33 @@ def manual_depths(max_depth: int, stages: int) -> list[int]:
     return [max(1, _round_half_up(f * max_depth)) for f in _fractions(stages)]
 
 
-def search_candidates(*, max_size: int, max_depth: int, size_multiple: int, manual: Sequence[int],
-                      current: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
-    """The (size, depth) candidates of a stage's search, sizes outer, each ascending and distinct.
+def search_candidates(*, max_size: int, max_depth: int, size_multiple: int, sizes: Sequence[int],
+                      depths: Sequence[int], current: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
+    """The (size, depth) candidates of a stage's search, sizes outer, each ascending and distinct
+    (the released ``main_prog.py`` lists).
 
     ``current`` None (the first stage a run trains): sizes ``{1/2, 5/6, 1} * max_size`` rounded like
     ``manual_sizes`` x depths ``{round(L/2), round(5L/6), L}``. Otherwise ``current = (r, l)``: sizes
-    ``{r, the smallest of manual (the manual sizes) above r}`` x depths ``{l, ..., l + 3}`` capped at
-    ``max_depth``."""
+    ``{r, the smallest manual size above r}`` x the next (at most 3) manual ``depths`` strictly above
+    l (``{l}`` when none is above)."""
     if current is None:
-        sizes = [_size_at(f, max_size, size_multiple) for f in (0.5, 5 / 6, 1.0)]
-        depths = [max(1, _round_half_up(f * max_depth)) for f in (0.5, 5 / 6, 1.0)]
+        rs = [_size_at(f, max_size, size_multiple) for f in (0.5, 5 / 6, 1.0)]
+        ls = [max(1, _round_half_up(f * max_depth)) for f in (0.5, 5 / 6, 1.0)]
     else:
         r, l = current
-        above = [s for s in manual if s > r]
-        sizes = [r] + ([min(above)] if above else [])
-        depths = list(range(l, min(l + 3, max_depth) + 1)) or [l]
-    return [(r, l) for r in sorted(set(sizes)) for l in sorted(set(depths))]
+        above = [s for s in sizes if s > r]
+        rs = [r] + ([min(above)] if above else [])
+        ls = sorted(d for d in set(depths) if d > l)[:3] or [l]
+    return [(r, l) for r in sorted(set(rs)) for l in sorted(set(ls))]
 
 
 def fit_power_law(times: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
-    """``(c, a)`` of ``loss ~ c * time^a`` by least squares on ``log loss = log c + a log time``
-    (``numpy.polyfit``, degree 1). Fewer than two distinct times, or a non-positive / non-finite
-    value, leave nothing to fit: ``a = 0`` and ``c`` the geometric mean of the usable losses (1 if
-    none)."""
+    """``(c, a)`` of ``loss ~ c * time^a`` by least squares in linear space
+    (``scipy.optimize.curve_fit``, as the released code fits it), started from the log-log line
+    (``numpy.polyfit``). When ``curve_fit`` fails (no convergence, a non-finite result) the log-log
+    line is the answer, with a warning. Fewer than two distinct times, or a non-positive /
+    non-finite value, leave nothing to fit: ``a = 0`` and ``c`` the geometric mean of the usable
+    losses (1 if none)."""
     t = np.asarray(times, dtype=np.float64)
     y = np.asarray(losses, dtype=np.float64)
     if t.shape != y.shape or t.ndim != 1:
@@ -202,6 +215,17 @@ def fit_power_law(times: Sequence[float], losses: Sequence[float]) -> tuple[floa
     if len(np.unique(t)) < 2:
         return (float(np.exp(np.log(y).mean())) if len(y) else 1.0), 0.0
     a, log_c = np.polyfit(np.log(t), np.log(y), 1)
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.optimize.OptimizeWarning)  # no covariance: not needed
+            (c_fit, a_fit), _ = scipy.optimize.curve_fit(lambda x, c, e: c * x ** e, t, y,
+                                                         p0=(np.exp(log_c), a), maxfev=10000)
+        if np.isfinite(c_fit) and np.isfinite(a_fit):
+            return float(c_fit), float(a_fit)
+        reason = f"non-finite result c={c_fit}, a={a_fit}"
+    except (RuntimeError, ValueError) as err:
+        reason = str(err)
+    logger.warning("autoprog: curve_fit of loss ~ c * time^a failed (%s); using the log-log line", reason)
     return float(np.exp(log_c)), float(a)
 
 
@@ -303,6 +327,7 @@ class AutoProg(Strategy):
         self._stage = -1           # the stage the model is configured for (-1: none yet)
         self._size: Optional[int] = None
         self._depth: Optional[int] = None  # active depth (while searching: the grown, largest candidate)
+        self._layout: Optional[tuple[int, int]] = None  # the supernet's last growth (old, new) depth; None: none
         self._searching = False
         self._search_end: Optional[int] = None  # last epoch of the current search
         self._candidates: list[tuple[int, int]] = []
@@ -314,7 +339,7 @@ class AutoProg(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "stage": self._stage, "size": self._size, "depth": self._depth,
-                "searching": self._searching, "search_end": self._search_end,
+                "layout": None if self._layout is None else list(self._layout), "searching": self._searching, "search_end": self._search_end,
                 "candidates": [list(c) for c in self._candidates], "times": [list(t) for t in self._times],
                 "counts": list(self._counts), "searches": [dict(s) for s in self._searches],
                 "chosen": [dict(c) for c in self._chosen]}
@@ -322,7 +347,7 @@ class AutoProg(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        keys = {"version", "stage", "size", "depth", "searching", "search_end", "candidates", "times", "counts",
+        keys = {"version", "stage", "size", "depth", "layout", "searching", "search_end", "candidates", "times", "counts",
                 "searches", "chosen"}
         if set(state) != keys:
             raise ValueError(f"autoprog state must have the keys {sorted(keys)}, got {sorted(state)}")
@@ -334,6 +359,7 @@ class AutoProg(Strategy):
         self._stage = int(state["stage"])
         self._size = None if state["size"] is None else int(state["size"])
         self._depth = None if state["depth"] is None else int(state["depth"])
+        self._layout = None if state["layout"] is None else (int(state["layout"][0]), int(state["layout"][1]))
         self._searching = bool(state["searching"])
         self._search_end = None if state["search_end"] is None else int(state["search_end"])
         self._candidates = [(int(r), int(l)) for r, l in state["candidates"]]
@@ -407,10 +433,35 @@ class AutoProg(Strategy):
             raise RuntimeError("AutoProg.on_train_start has not run yet")
         return _stage_in(self.bounds, epoch)
 
+    def slots_for(self, depth: int) -> list[int]:
+        """The supernet slots a depth-``depth`` sub-network runs now: ``supernet_slots`` of the last
+        growth (every old layer kept), or ``0..depth-1`` before any growth."""
+        if self._layout is None:
+            return list(range(depth))
+        return supernet_slots(depth, *self._layout)
+
     def _select(self, module: ElasticViT, depth: int) -> None:
-        cfg = config_for_depth(module, depth)
-        if getattr(module, "config", None) != cfg:
-            module.set_subnet(cfg)
+        cfg, slots = config_for_depth(module, depth), tuple(self.slots_for(depth))
+        if getattr(module, "config", None) != cfg or getattr(module, "slots", None) != slots:
+            module.set_subnet(cfg, slots)
+
+    def _grow(self, trainer: "Trainer", old: int, new: int, record: dict[str, Any]) -> None:
+        """MoGrow ``old -> new``: the model from the slowest EMA copy, each EMA copy from its own
+        previous self (the released ``--load-with-clone-ema``); old layer i is slot
+        ``slots_for(old)[i]`` in every copy."""
+        model, old_slots = trainer.model, self.slots_for(old)
+        if trainer.emas:
+            source = trainer.emas[-1].module
+            record["grown_from"] = f"ema decay {trainer.emas[-1].decay}"
+        else:
+            source = model
+            record["grown_from"] = "model (no EMA)"
+            logger.warning("autoprog: no EMA copies (ema_decays is empty): MoGrow grows the model from itself")
+        model.grow(old, new, source=source, old_slots=old_slots)
+        for ema in trainer.emas:
+            ema.module.grow(old, new, old_slots=old_slots)
+        record["grown"] = [old, new]
+        self._layout = (old, new)
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         k = self.stage_of(epoch)
@@ -429,26 +480,19 @@ class AutoProg(Strategy):
         elif searching:
             current = None if first else (self._size, self._depth)
             cands = search_candidates(max_size=self.max_size, max_depth=self.max_depth,
-                                      size_multiple=self.size_multiple, manual=self.sizes, current=current)
+                                      size_multiple=self.size_multiple, sizes=self.sizes, depths=self.depths,
+                                      current=current)
             size, depth = max(r for r, _ in cands), max(l for _, l in cands)
         else:
             cands, size, depth = [], self.sizes[k], self.depths[k]
-        old = self._depth
+        # The first stage's search grows from the first manual depth, as released (its copies start
+        # equal to their originals); later stages grow from the depth trained so far.
+        old = self.depths[0] if first else self._depth
         record: dict[str, Any] = {"event": "autoprog_stage", "epoch": epoch, "stage": k, "size": size,
                                   "depth": depth, "searching": searching}
+        if depth > old and (searching or not first):
+            self._grow(trainer, old, depth, record)
         if not first:
-            if depth > old:
-                if trainer.emas:
-                    source = trainer.emas[-1].module
-                    record["grown_from"] = f"ema decay {trainer.emas[-1].decay}"
-                else:
-                    source = model
-                    record["grown_from"] = "model (no EMA)"
-                    logger.warning("autoprog: no EMA copies (ema_decays is empty): MoGrow grows the model from "
-                                   "itself")
-                model.grow(old, depth, source=source)
-                record["grown"] = [old, depth]
-                trainer.reset_emas()
             trainer.reset_optimizer()
         self._select(model, depth)
         self._stage, self._size, self._depth = k, size, depth
@@ -498,7 +542,7 @@ class AutoProg(Strategy):
 
     @torch.no_grad()
     def _candidate_losses(self, trainer: "Trainer") -> list[float]:
-        module = trainer.emas[-1].module if trainer.emas else trainer.model
+        module = trainer.emas[0].module if trainer.emas else trainer.model  # the fastest EMA, as released
         was_training = module.training
         module.eval()
         sums = [0.0] * len(self._candidates)
