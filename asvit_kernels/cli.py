@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 
 def _check_ranges(args: argparse.Namespace) -> None:
-    """The checks that involve two values (single values are checked while parsing)."""
+    """The checks that involve two values (single values are checked while parsing), before the
+    run directory is created or locked."""
+    if args.command in ("train", "pipeline"):  # TrainConfig checks e.g. min_lr <= lr, with the preset's values
+        from asvit_kernels.pipeline import run
+        run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))
     for name, (lo_name, hi_name) in (("param_limit", ("STOP", "DROP")), ("flops_range", ("LOW", "HIGH"))):
         pair = getattr(args, name, None)
         if pair is not None and pair[0] > pair[1]:
@@ -335,7 +339,7 @@ def cmd_train(args) -> int:
     from asvit_kernels.search import distributed
     from asvit_kernels.train.data import open_dataset
     from asvit_kernels.train.trainer import Trainer
-    config = run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))  # checked before any work
+    config = run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))
     distributed.init_from_env()
     try:
         data = open_dataset(args.data, seed=args.seed)
@@ -351,7 +355,6 @@ def cmd_train(args) -> int:
 def cmd_pipeline(args) -> int:
     from asvit_kernels.pipeline import run
     from asvit_kernels.search import distributed
-    run.train_config(_preset(args), seed=args.seed, **_train_overrides(args))  # checked before any work
     distributed.init_from_env()
     try:
         results = run.run_pipeline(args.out, _preset(args), data_path=args.data, seed=args.seed,
