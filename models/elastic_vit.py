@@ -11,6 +11,7 @@ with the same outputs; ``load_subnet`` writes a dense ``ViT`` back into the slic
 """
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import NamedTuple, Optional, Sequence
@@ -27,18 +28,30 @@ from .growth import new_layer_sources
 from .subnet import SHARING_RULES, Sharing, SubnetConfig, SubnetSpace, sample_subnet, subnet_flops, width_range
 from .vit import DropPath, DropPathRate, ViT, drop_path_rates, resample_pos_embed
 
-__all__ = ["ElasticViT", "ElasticBlock", "ElasticAttention", "SubnetRanges"]
+__all__ = ["ElasticViT", "ElasticBlock", "ElasticAttention", "SubnetRanges", "released_softmax_scale"]
 
 Tensor = torch.Tensor
 
 
 class SubnetRanges(NamedTuple):
     """The channel ranges a config uses: embed over ``D_max``; per active layer, the q/k/v range
-    over ``qkv_max`` (the same offset inside each of the q, k and v blocks) and the MLP range."""
+    over ``qkv_max`` (the same offset inside each of the q, k and v blocks of the shared qkv, and
+    v's range with private q/k), the MLP range, and with private q/k the block of ``2 * width``
+    consecutive rows of the ``2 * qkv_max``-row q/k weight (q its first half, k its second: the
+    released ViTAS layout)."""
 
     embed: Range
     qkv: tuple[Range, ...]
     mlp: tuple[Range, ...]
+    qk: tuple[Range, ...]
+
+
+def released_softmax_scale(max_embed: int) -> float:
+    """The softmax scale of ViTAS's released supernet: ``(max_embed // 3) ** -0.5`` for EVERY
+    sub-network, whatever its head dim (their ``Attention`` takes ``head_dim = dim // 3`` when the
+    heads are a list of choices): 128^-0.5 at embed 384. Pass it as ``ElasticViT(softmax_scale=...)``
+    to run their checkpoints as trained."""
+    return float((max_embed // 3) ** -0.5)
 
 
 def _in_block(r: Range, size: int, base: int) -> list[Range]:
@@ -67,15 +80,18 @@ def _channels(param: Tensor, r: Range) -> Tensor:
 class ElasticAttention(nn.Module):
     """Multi-head self-attention over ranges of shared projections, ``(B, N, d) -> (B, N, d)``.
 
-    Shared: ``qkv: D_max -> 3 * qkv_max`` (rows [q | k | v]). With ``private_qk`` (ViTAS private
-    attention maps): one ``qk[str(h)]: D_max -> 2 * qkv_max`` (rows [q | k]) per heads choice h,
-    and a shared ``v: D_max -> qkv_max``. ``proj: qkv_max -> D_max`` always shared. q, k and v of a
-    sub-network use the same range inside their blocks, so they share one head dim."""
+    Shared: ``qkv: D_max -> 3 * qkv_max`` (rows [q | k | v], timm's layout; q, k and v use the same
+    range inside their blocks). With ``private_qk`` (ViTAS private attention maps): one
+    ``qk[str(h)]: D_max -> 2 * qkv_max`` per heads choice h, of which a width w uses ONE block of 2w
+    consecutive rows (q its first w, k the next w: released ViTAS), and a shared
+    ``v: D_max -> qkv_max``. ``proj: qkv_max -> D_max`` always shared. ``softmax_scale`` None:
+    ``head_dim ** -0.5`` of the sub-network; a number: that scale for every sub-network."""
 
     def __init__(self, dim: int, qkv_dim: int, head_choices: Sequence[int], qkv_bias: bool, private_qk: bool,
-                 backend: Optional[str]):
+                 backend: Optional[str], softmax_scale: Optional[float] = None):
         super().__init__()
         self.max_qkv, self.private_qk, self.backend = qkv_dim, private_qk, backend
+        self.softmax_scale = softmax_scale
         if private_qk:
             self.qk = nn.ModuleDict({str(h): ElasticLinear(dim, 2 * qkv_dim, qkv_bias, backend=backend)
                                      for h in head_choices})
@@ -85,11 +101,11 @@ class ElasticAttention(nn.Module):
         self.proj = ElasticLinear(qkv_dim, dim, backend=backend)
         self.num_heads = head_choices[-1]
 
-    def set_subnet(self, embed: Range, qkv: Range, num_heads: int) -> None:
+    def set_subnet(self, embed: Range, qkv: Range, num_heads: int, qk: Range) -> None:
         C = self.max_qkv
         self.num_heads = num_heads
         if self.private_qk:
-            self.qk[str(num_heads)].set_range(embed, _in_block(qkv, C, 0) + _in_block(qkv, C, C))
+            self.qk[str(num_heads)].set_range(embed, qk)
             self.v.set_range(embed, qkv)
         else:
             self.qkv.set_range(embed, _in_block(qkv, C, 0) + _in_block(qkv, C, C) + _in_block(qkv, C, 2 * C))
@@ -105,7 +121,7 @@ class ElasticAttention(nn.Module):
             q, k, v = self.qkv(x).reshape(total, 3, H, -1).unbind(1)
         # B equal-length sequences: uniform offsets, as asvit_kernels.nn.Attention does.
         cu = torch.arange(0, (B + 1) * N, N, device=x.device, dtype=torch.int32)
-        o = varlen_attention(q, k, v, cu, cu, N, N, backend=self.backend)
+        o = varlen_attention(q, k, v, cu, cu, N, N, softmax_scale=self.softmax_scale, backend=self.backend)
         return self.proj(o.reshape(B, N, -1))
 
 
@@ -114,19 +130,19 @@ class ElasticBlock(nn.Module):
     ``(B, N, d)``; ``drop`` is stochastic depth (``vit.DropPath``, rate set by the supernet)."""
 
     def __init__(self, dim: int, qkv_dim: int, mlp_dim: int, head_choices: Sequence[int], qkv_bias: bool,
-                 private_qk: bool, norm_eps: float, backend: Optional[str]):
+                 private_qk: bool, norm_eps: float, backend: Optional[str], softmax_scale: Optional[float] = None):
         super().__init__()
         self.norm1 = ElasticLayerNorm(dim, eps=norm_eps, backend=backend)
-        self.attn = ElasticAttention(dim, qkv_dim, head_choices, qkv_bias, private_qk, backend)
+        self.attn = ElasticAttention(dim, qkv_dim, head_choices, qkv_bias, private_qk, backend, softmax_scale)
         self.norm2 = ElasticLayerNorm(dim, eps=norm_eps, backend=backend)
         self.mlp = nn.ModuleDict({"fc1": ElasticLinear(dim, mlp_dim, backend=backend),
                                   "fc2": ElasticLinear(mlp_dim, dim, backend=backend)})
         self.drop_path1, self.drop_path2 = DropPath(), DropPath()
 
-    def set_subnet(self, embed: Range, qkv: Range, num_heads: int, mlp: Range) -> None:
+    def set_subnet(self, embed: Range, qkv: Range, num_heads: int, mlp: Range, qk: Range) -> None:
         self.norm1.set_range(embed)
         self.norm2.set_range(embed)
-        self.attn.set_subnet(embed, qkv, num_heads)
+        self.attn.set_subnet(embed, qkv, num_heads, qk)
         self.mlp["fc1"].set_range(embed, mlp)
         self.mlp["fc2"].set_range(mlp, embed)
 
@@ -155,7 +171,12 @@ class ElasticViT(DropPathRate, nn.Module):
             divide it); other inputs divisible by the patch get them resampled, as ``ViT`` does.
         sharing: "first" | "last" | "cyclic": which channels a width uses (``subnet.width_range``),
             the same rule for every elastic dimension (embed, per-layer q/k/v, per-layer MLP).
-        private_qk: ViTAS private attention maps (one q/k projection per heads choice).
+        private_qk: ViTAS private attention maps (one q/k projection per heads choice; a width w
+            uses one block of 2w consecutive rows of it, placed by ``sharing`` over its 2 * qkv_max
+            rows, q the block's first half and k its second, as the released code slices it).
+        softmax_scale: None (default): each sub-network's ``head_dim ** -0.5``. A positive number:
+            that scale for every sub-network (``released_softmax_scale(D_max)`` is the released
+            ViTAS supernet's); ``extract_subnet`` carries it into the dense ``ViT``.
         drop_path_rate: stochastic depth (training mode only) of the last ACTIVE block: active
             block i of a depth-d sub-network gets ``rate * i / max(1, d - 1)`` (timm's linear
             rule over the active depth, recomputed by every ``set_subnet``); inactive slots get 0.
@@ -173,7 +194,8 @@ class ElasticViT(DropPathRate, nn.Module):
 
     def __init__(self, space: SubnetSpace, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  qkv_bias: bool = True, *, sharing: Sharing = "first", private_qk: bool = False, norm_eps: float = 1e-6,
-                 drop_path_rate: float = 0.0, backend: Optional[str] = None):
+                 drop_path_rate: float = 0.0, backend: Optional[str] = None,
+                 softmax_scale: Optional[float] = None):
         super().__init__()
         if not isinstance(space, SubnetSpace):
             raise TypeError(f"space must be a SubnetSpace, got {type(space).__name__}")
@@ -186,6 +208,10 @@ class ElasticViT(DropPathRate, nn.Module):
                 raise ValueError(f"img_size {img_size} must be divisible by every patch size, not by {p}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)
+                                          or not 0 < softmax_scale < math.inf):
+            raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
+        self.softmax_scale = None if softmax_scale is None else float(softmax_scale)
         self.space, self.sharing, self.private_qk = space, sharing, bool(private_qk)
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
         self.qkv_bias, self.norm_eps, self.backend = bool(qkv_bias), float(norm_eps), backend
@@ -197,8 +223,8 @@ class ElasticViT(DropPathRate, nn.Module):
         self.cls_token = nn.ParameterDict({str(p): nn.Parameter(torch.empty(1, 1, D)) for p in space.patch_sizes})
         self.pos_embed = nn.ParameterDict({str(p): nn.Parameter(torch.empty(1, 1 + (img_size // p) ** 2, D))
                                            for p in space.patch_sizes})
-        self.blocks = nn.ModuleList([ElasticBlock(D, Q, M, space.heads, qkv_bias, self.private_qk, norm_eps, backend)
-                                     for _ in range(space.num_slots)])
+        self.blocks = nn.ModuleList([ElasticBlock(D, Q, M, space.heads, qkv_bias, self.private_qk, norm_eps, backend,
+                                                  self.softmax_scale) for _ in range(space.num_slots)])
         self.norm = ElasticLayerNorm(D, eps=norm_eps, backend=backend)
         self.head = ElasticLinear(D, num_classes, backend=backend)
         self.init_weights()
@@ -264,10 +290,12 @@ class ElasticViT(DropPathRate, nn.Module):
         """The channel ranges ``config`` uses (validated against the space)."""
         cfg = self.space.validate(config)
         s = self.space
+        qk_dims = [2 * q for q in s.qkv_dims]   # the private q/k weight: blocks of 2w rows over 2 * qkv_max
         return SubnetRanges(
             width_range(self.sharing, s.embed_dims, self.max_embed, cfg.embed_dim),
             tuple(width_range(self.sharing, s.qkv_dims, self.max_qkv, q) for q in cfg.qkv_dim),
-            tuple(width_range(self.sharing, s.mlp_dims, self.max_mlp, m) for m in cfg.mlp_dim))
+            tuple(width_range(self.sharing, s.mlp_dims, self.max_mlp, m) for m in cfg.mlp_dim),
+            tuple(width_range(self.sharing, qk_dims, 2 * self.max_qkv, 2 * q) for q in cfg.qkv_dim))
 
     def set_subnet(self, config: SubnetConfig, slots: Optional[Sequence[int]] = None) -> SubnetConfig:
         """Select the sub-network the next forwards run (``ValueError`` outside the space or for
@@ -281,7 +309,7 @@ class ElasticViT(DropPathRate, nn.Module):
         r = self.channel_ranges(cfg)
         self.patch_embed[str(cfg.patch_size)].set_range(None, r.embed)
         for l, k in enumerate(slots):
-            self.blocks[k].set_subnet(r.embed, r.qkv[l], cfg.heads[l], r.mlp[l])
+            self.blocks[k].set_subnet(r.embed, r.qkv[l], cfg.heads[l], r.mlp[l], r.qk[l])
         self.norm.set_range(r.embed)
         self.head.set_range(r.embed, None)
         self.config, self.ranges, self.slots = cfg, r, slots
@@ -355,7 +383,7 @@ class ElasticViT(DropPathRate, nn.Module):
             a = blk.attn
             if self.private_qk:
                 qk = a.qk[str(cfg.heads[l])]
-                parts = [(slice(0, 2 * w), qk, torch.cat([q, q + Q])), (slice(2 * w, 3 * w), a.v, q)]
+                parts = [(slice(0, 2 * w), qk, idx(r.qk[l], 2 * Q)), (slice(2 * w, 3 * w), a.v, q)]
             else:
                 parts = [(None, a.qkv, torch.cat([q, q + Q, q + 2 * Q]))]
             for rows, lin, o in parts:
@@ -372,11 +400,15 @@ class ElasticViT(DropPathRate, nn.Module):
         return out
 
     def _dense_shell(self, cfg: SubnetConfig) -> ViT:
-        return ViT(img_size=self.img_size, patch_size=cfg.patch_size, in_chans=self.in_chans,
-                   num_classes=self.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=list(cfg.heads),
-                   qkv_bias=self.qkv_bias, attn_dims=list(cfg.qkv_dim), mlp_dims=list(cfg.mlp_dim), class_token=True,
-                   global_pool="token", drop_path_rate=self._drop_path_rate, norm_eps=self.norm_eps,
-                   backend=self.backend)
+        vit = ViT(img_size=self.img_size, patch_size=cfg.patch_size, in_chans=self.in_chans,
+                  num_classes=self.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=list(cfg.heads),
+                  qkv_bias=self.qkv_bias, attn_dims=list(cfg.qkv_dim), mlp_dims=list(cfg.mlp_dim), class_token=True,
+                  global_pool="token", drop_path_rate=self._drop_path_rate, norm_eps=self.norm_eps,
+                  backend=self.backend)
+        if self.softmax_scale is not None:  # a fixed supernet scale travels with the sub-network
+            for blk in vit.blocks:
+                blk.attn.scale = self.softmax_scale
+        return vit
 
     @torch.no_grad()
     def extract_subnet(self, config: SubnetConfig, slots: Optional[Sequence[int]] = None) -> ViT:

@@ -24,11 +24,12 @@ SPACE = SubnetSpace.tiny()
 WRAPPING = SubnetConfig(8, 36, (3, 4, 2), (24, 32, 16), (96, 48, 32))
 
 
-def supernet(sharing="first", private_qk=False, seed=0, dtype=torch.float64) -> ElasticViT:
+def supernet(sharing="first", private_qk=False, seed=0, dtype=torch.float64, softmax_scale=None) -> ElasticViT:
     """A tiny supernet with every parameter random (biases and LayerNorm affines included), so a
     wrong channel anywhere changes the output."""
     torch.manual_seed(seed)
-    m = ElasticViT(SPACE, img_size=32, num_classes=10, sharing=sharing, private_qk=private_qk).to(dtype)
+    m = ElasticViT(SPACE, img_size=32, num_classes=10, sharing=sharing, private_qk=private_qk,
+                   softmax_scale=softmax_scale).to(dtype)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -47,10 +48,12 @@ def dense_reference(m: ElasticViT, cfg: SubnetConfig, x: torch.Tensor) -> torch.
     for l in range(cfg.depth):
         blk, H = m.blocks[l], cfg.heads[l]
         q, mm = channel_indices(r.qkv[l], Q), channel_indices(r.mlp[l], m.max_mlp)
-        if m.private_qk:
+        if m.private_qk:  # one block of 2w q/k rows: q its first half, k its second (released ViTAS)
             qk, v = blk.attn.qk[str(H)], blk.attn.v
-            Wq, Wk, Wv = qk.weight[q], qk.weight[q + Q], v.weight[q]
-            bq, bk, bv = qk.bias[q], qk.bias[q + Q], v.bias[q]
+            w = len(q)
+            qkr = channel_indices(r.qk[l], 2 * Q)
+            Wq, Wk, Wv = qk.weight[qkr[:w]], qk.weight[qkr[w:]], v.weight[q]
+            bq, bk, bv = qk.bias[qkr[:w]], qk.bias[qkr[w:]], v.bias[q]
         else:
             W, b = blk.attn.qkv.weight, blk.attn.qkv.bias
             Wq, Wk, Wv, bq, bk, bv = W[q], W[q + Q], W[q + 2 * Q], b[q], b[q + Q], b[q + 2 * Q]
@@ -60,7 +63,8 @@ def dense_reference(m: ElasticViT, cfg: SubnetConfig, x: torch.Tensor) -> torch.
             return F.linear(h, W[:, e], b).unflatten(-1, (H, -1)).transpose(1, 2)
 
         qq, kk, vv = split(Wq, bq), split(Wk, bk), split(Wv, bv)
-        att = torch.softmax(qq @ kk.transpose(-1, -2) * qq.shape[-1] ** -0.5, -1) @ vv
+        scale = qq.shape[-1] ** -0.5 if m.softmax_scale is None else m.softmax_scale
+        att = torch.softmax(qq @ kk.transpose(-1, -2) * scale, -1) @ vv
         t = t + F.linear(att.transpose(1, 2).flatten(2), blk.attn.proj.weight[e][:, q], blk.attn.proj.bias[e])
         h = F.layer_norm(t, (d,), blk.norm2.weight[e], blk.norm2.bias[e], eps)
         fc1, fc2 = blk.mlp["fc1"], blk.mlp["fc2"]
@@ -74,10 +78,11 @@ def configs():
     return [WRAPPING, SPACE.largest(), SPACE.largest(patch_size=16)] + [sample_subnet(g, SPACE) for _ in range(3)]
 
 
+@pytest.mark.parametrize("softmax_scale", [None, 0.3], ids=["head_dim_scale", "fixed_scale"])
 @pytest.mark.parametrize("private_qk", [False, True], ids=["shared_qk", "private_qk"])
 @pytest.mark.parametrize("sharing", ["first", "last", "cyclic"])
-def test_subnet_equals_extracted_vit_and_dense_reference(sharing, private_qk):
-    m = supernet(sharing, private_qk)
+def test_subnet_equals_extracted_vit_and_dense_reference(sharing, private_qk, softmax_scale):
+    m = supernet(sharing, private_qk, softmax_scale=softmax_scale)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for cfg in configs():
         m.set_subnet(cfg)
