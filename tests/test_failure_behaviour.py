@@ -294,3 +294,13 @@ def test_ctrl_c_during_training_checkpoints_and_exits_130(tmp_path):
     assert "SIGINT" in err and len(err.strip().splitlines()) == 1
     state = json.loads(next((out / "checkpoints").glob("e*/state.json")).read_text())
     assert state["step"] > 0
+
+
+@pytest.mark.parametrize("state, needle", [([1, 2], "a dict"), ({"step": 3}, "missing key(s) 'settings'")])
+def test_search_state_without_its_keys_is_named(tmp_path, state, needle):
+    from asvit_kernels import atomic
+    from asvit_kernels.search import runstate
+    atomic.torch_save(runstate.state_path(tmp_path, "topology"), state)
+    with pytest.raises(ValueError, match="topology_state.pt is damaged") as info:
+        runstate.load(tmp_path, "topology")
+    assert needle in str(info.value)

@@ -33,16 +33,26 @@ def state_path(run_dir: PathLike, name: str) -> Path:
     return Path(run_dir) / f"{name}_state.pt"
 
 
-def load(run_dir: Optional[PathLike], name: str) -> Optional[dict]:
+def load(run_dir: Optional[PathLike], name: str, keys: Iterable[str] = ("settings",)) -> Optional[dict]:
     """The saved state of run ``name`` (rank 0 reads, every rank receives it), or None when there
-    is no run directory or no state in it yet."""
+    is no run directory or no state in it yet. ValueError naming the file when it is torn, not a
+    dict, or lacks one of ``keys``."""
     state = None
     if run_dir is not None and distributed.is_main():
         path = state_path(run_dir, name)
         if path.exists():
-            state = torch_load(path)
+            state = torch_load(path)  # ValueError naming the file when it is torn
+            _check_keys(path, name, state, keys)
             log.info("resuming %s from %s", name, path)
     return distributed.broadcast_object(state)
+
+
+def _check_keys(path: Path, name: str, state: Any, keys: Iterable[str]) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is damaged: expected the {name} state (a dict), got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{path} is damaged: missing key(s) {', '.join(map(repr, missing))}")
 
 
 def save(run_dir: Optional[PathLike], name: str, state: Mapping[str, Any],
