@@ -87,7 +87,7 @@ def loop_kappa(models: list[nn.Module], x: torch.Tensor) -> float:
     for net in models:
         net.set_norm(True)
         net.zero_grad()
-        logit = net.forward_features(x)
+        logit = net.pooled_features(x)   # their forward_features(x)[1]: pooled, before the final LayerNorm
         grads = []
         for i in range(len(x)):
             logit[i:i + 1].backward(torch.ones_like(logit[i:i + 1]), retain_graph=True)
@@ -115,7 +115,7 @@ def loop_length_distortion(models: list[nn.Module], curves: list[tuple[torch.Ten
         curve = torch.matmul(U, torch.stack([torch.cos(theta), torch.sin(theta)])).T.reshape(n, *shape)
         total = 0.0
         for i in range(0, n, chunk):
-            out = net.forward_features(curve[i:i + chunk])
+            out = net.pooled_features(curve[i:i + chunk])
             out = out.reshape(out.size(0), -1)
             jacobs = []
             for c in range(out.size(1)):
@@ -299,7 +299,7 @@ def main(argv=None):
     else:
         total_note = " Total time for 500 search steps + the scaling run: not measured in this run (pass --total)."
     notes = (f"float32, images randn({args.batch}, 3, {side}, {side}). One evaluation = build {args.repeats} fresh "
-             f"initialisations + kappa (NTK over 'weight' params of forward_features, LayerNorm on) + L^E "
+             f"initialisations + kappa (NTK over 'weight' params of pooled_features, the pre-norm pooled feature, LayerNorm on) + L^E "
              f"({args.points}-point circle per initialisation, LayerNorm off), mean over the initialisations. "
              f"seed: {SEED} at E=32, depths 1,1,1,1; large: depths 5,2,5,2 at E=h=45 (As-ViT Large's proxy). "
              f"ours: search.indicators.indicators, median seconds (harness.time_ms), kappa_s / le_s / build_s "
