@@ -30,12 +30,28 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         qb = q[qs:qe].transpose(0, 1)                                      # (H, Lq, D)
         kb = k[ks:ke].transpose(0, 1).repeat_interleave(H // H_kv, dim=0)  # (H, Lk, D)
         vb = v[ks:ke].transpose(0, 1).repeat_interleave(H // H_kv, dim=0)
-        s = scale * qb @ kb.transpose(1, 2)
-        if causal:
-            s = s.masked_fill(~causal_mask(qe - qs, ke - ks, q.device), float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key: all zero
-        outs.append((p @ vb).transpose(0, 1))
+        outs.append(_sequence(qb, kb, vb, scale, causal).transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def _sequence(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """One sequence (H, L, D). Query i depends on q_i and the keys/values it may see, nothing else:
+    with a non-finite value anywhere, every product runs pairwise with unseen pairs cut out (a plain
+    matmul would turn 0 * inf into NaN in rows that never see the value), in the backward too."""
+    Lq, Lk = qb.shape[1], kb.shape[1]
+    seen = causal_mask(Lq, Lk, qb.device) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=qb.device)
+    finite = all(bool(torch.isfinite(t).all()) for t in (qb, kb, vb))
+    if finite:
+        s = scale * qb @ kb.transpose(1, 2)
+    else:
+        pair = seen[..., None]
+        s = (torch.where(pair, scale * qb[:, :, None], 0.0) * torch.where(pair, kb[:, None], 0.0)).sum(-1)
+    s = s.masked_fill(~seen, float("-inf"))
+    # Rows with no visible key are all -inf: their softmax is NaN, and they return 0 by definition.
+    p = torch.where(seen.any(-1, keepdim=True), torch.softmax(s, dim=-1), 0.0)
+    if finite:
+        return p @ vb
+    return (p[..., None] * torch.where(seen[..., None], vb[:, None], 0.0)).sum(-2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Optional[torch.Tensor] = None,

@@ -33,16 +33,36 @@ def _gather(t: torch.Tensor, idx: torch.Tensor, n: int, length: int, heads: int)
     return g.repeat_interleave(heads // t.shape[1], dim=1) if heads != t.shape[1] else g
 
 
-def _probs(qb, kb, lse, scale, causal, Lq, Lk):
+def _mm_seen(a: torch.Tensor, x: torch.Tensor, seen, check: bool = True) -> torch.Tensor:
+    """``a @ x`` where ``a`` is 0 at the pairs ``seen`` (Lq, Lk) excludes (None: every pair is seen)
+    and ``x`` may hold NaN/inf. A plain matmul would give 0 * inf = NaN in rows that never see the
+    value (earlier rows under causal); here a non-finite ``x`` reaches only the rows that see it.
+    ``check=False`` (under torch.func, which cannot branch on data) always takes the exact path."""
+    if seen is None:
+        return a @ x
+    fin = torch.isfinite(x)
+    if check and bool(fin.all()):
+        return a @ x
+    out = a @ torch.where(fin, x, 0.0)
+    hits = seen.to(x.dtype)
+    for bad, value in ((torch.isnan(x), float("nan")), (x == float("inf"), float("inf")),
+                       (x == float("-inf"), float("-inf"))):
+        out = out + torch.where(hits @ bad.to(x.dtype) > 0, value, 0.0)  # inf + -inf = NaN, as IEEE
+    return out
+
+
+def _probs(qb, kb, lse, scale, seen):
+    # lse = +inf: the row's softmax is undefined (NaN, as the forward's output); lse = -inf: the row
+    # sees no key, and every one of its entries is masked.
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))
     p = torch.exp((qb * scale) @ kb.transpose(-1, -2) - lse[..., None])
-    if causal:  # masked entries, and rows with no visible key (lse = -inf), are 0
-        p = p.masked_fill(~causal_mask(Lq, Lk, qb.device), 0.0).nan_to_num(0.0)
-    return p
+    return p if seen is None else p.masked_fill(~seen, 0.0)
 
 
-def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool):
+def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool, check: bool = True):
     """Per group of equal (len_q, len_k): the query rows, their outputs ``(n * Lq, H, D)`` and
-    log-sum-exps ``(H, n * Lq)`` in the accumulation dtype, or (rows, None, None) when there are no keys."""
+    log-sum-exps ``(H, n * Lq)`` in the accumulation dtype, or (rows, None, None) when there are no keys.
+    ``check``: see ``_mm_seen``."""
     H = q.shape[1]
     acc = _acc_dtype(q.dtype)
     for (Lq, Lk), starts in _groups(cu_q, cu_k).items():
@@ -55,13 +75,15 @@ def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool):
         qb = _gather(q, qi, n, Lq, H).to(acc)
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
         s = (qb * scale) @ kb.transpose(-1, -2)  # scaling q touches Lq*D values, not Lq*Lk
-        if causal:
-            s = s.masked_fill(~causal_mask(Lq, Lk, q.device), float("-inf"))
+        seen = causal_mask(Lq, Lk, q.device) if causal else None
+        if seen is not None:
+            s = s.masked_fill(~seen, float("-inf"))
         m = torch.logsumexp(s, dim=-1)                                     # (n, H, Lq)
         p = torch.softmax(s, dim=-1)
-        if causal:
-            p = p.nan_to_num(0.0)  # a row with no visible key is all -inf
-        yield qi, (p @ vb).transpose(1, 2).reshape(n * Lq, H, -1), m.transpose(0, 1).reshape(H, n * Lq)
+        if seen is not None:  # a row that sees no key is all -inf (softmax NaN) and returns 0
+            p = p.masked_fill(~seen.any(-1, keepdim=True), 0.0)
+        o = _mm_seen(p, vb, seen, check)
+        yield qi, o.transpose(1, 2).reshape(n * Lq, H, -1), m.transpose(0, 1).reshape(H, n * Lq)
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool):
@@ -87,12 +109,15 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
         qb, dob, ob = (_gather(t, qi, n, Lq, H).to(acc) for t in (q, dout, out))
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
         m = lse[:, qi].to(acc).view(H, n, Lq).transpose(0, 1)
-        p = _probs(qb, kb, m, scale, causal, Lq, Lk)                       # (n, H, Lq, Lk)
-        dvb = p.transpose(-1, -2) @ dob
-        dp = dob @ vb.transpose(-1, -2)
-        ds = p * (dp - (dob * ob).sum(-1, keepdim=True))
-        dqb = (ds @ kb) * scale
-        dkb = (ds.transpose(-1, -2) @ qb) * scale
+        seen = causal_mask(Lq, Lk, q.device) if causal else None
+        seen_t = None if seen is None else seen.T
+        p = _probs(qb, kb, m, scale, seen)                                 # (n, H, Lq, Lk)
+        dvb = _mm_seen(p.transpose(-1, -2), dob, seen_t)
+        ds = p * (dob @ vb.transpose(-1, -2) - (dob * ob).sum(-1, keepdim=True))
+        if seen is not None:
+            ds = ds.masked_fill(~seen, 0.0)  # p = 0 there, but dp may be NaN (an unseen v)
+        dqb = _mm_seen(ds, kb, seen) * scale
+        dkb = _mm_seen(ds.transpose(-1, -2), qb, seen_t) * scale
         # GQA: a kv head's gradient sums over the query heads that share it.
         dkb = dkb.view(n, H_kv, H // H_kv, Lk, -1).sum(2)
         dvb = dvb.view(n, H_kv, H // H_kv, Lk, -1).sum(2)
@@ -106,7 +131,7 @@ def varlen_composite(q, k, v, cu_q, cu_k, scale: float, causal: bool) -> torch.T
     """The forward as differentiable composite PyTorch ops with no in-place writes, for callers
     under ``torch.func`` transforms (vmap, grad, jvp), which cannot see through a custom op."""
     rows, outs = [], []
-    for qi, o, _ in _group_outputs(q, k, v, cu_q, cu_k, scale, causal):
+    for qi, o, _ in _group_outputs(q, k, v, cu_q, cu_k, scale, causal, check=False):
         rows.append(qi)
         outs.append(q.new_zeros(qi.numel(), *q.shape[1:]) if o is None else o.to(q.dtype))
     if not outs:

@@ -9,6 +9,9 @@ loop covers the union of the tile's sequences (cut at the causal frontier when c
 Masks: query row r of sequence b (rows qs..qe-1, keys ks..ke-1) may see key c iff ks <= c < ke and,
 when causal, c <= r + (ke - qe) (flash-attn's bottom-right alignment). A row that sees no key gets
 output 0 and lse -inf. Head dims up to 256 are padded to a power of two in registers only.
+
+Non-finite inputs: a row's output and gradients depend only on what the row sees (its sequence,
+cut at the causal frontier); see ``_dot_seen``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,27 @@ def _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL: tl.constexpr, BLOCK_M
     k_lo = tl.min(tl.where(rmask, ks, 2147483647), axis=0)
     k_hi = tl.max(tl.where(rmask, k_end, 0), axis=0)
     return rows, rmask, ks, k_end, k_lo, k_hi
+
+
+@triton.jit
+def _dot_seen(acc, a, seen, x, PRECISION: tl.constexpr):
+    """``acc + a @ x`` where ``a`` is 0 at the pairs ``seen`` excludes and ``x`` may hold NaN/inf.
+
+    A tile mixes sequences (and, under causal, rows that do not see every key), so a plain dot
+    would turn 0 * inf into NaN in rows that never see the value. The finite part goes through the
+    dot; only a tile that holds a non-finite ``x`` (rare) pays three 0/1 dots that count, per output
+    element, the NaN / +inf / -inf entries its seen pairs meet, and adds them as IEEE would."""
+    fin = (x == x) & (tl.abs(x) < float("inf"))
+    acc += tl.dot(a.to(x.dtype), tl.where(fin, x, 0.0).to(x.dtype), input_precision=PRECISION)
+    if tl.min(fin.to(tl.int32)) == 0:
+        hits = seen.to(x.dtype)
+        n_nan = tl.dot(hits, (x != x).to(x.dtype), input_precision=PRECISION)
+        n_pos = tl.dot(hits, (x == float("inf")).to(x.dtype), input_precision=PRECISION)
+        n_neg = tl.dot(hits, (x == float("-inf")).to(x.dtype), input_precision=PRECISION)
+        acc += tl.where(n_nan > 0, float("nan"), 0.0)
+        acc += tl.where(n_pos > 0, float("inf"), 0.0)
+        acc += tl.where(n_neg > 0, float("-inf"), 0.0)
+    return acc
 
 
 @triton.jit
@@ -70,13 +94,17 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, CU_Q, CU_K, scale,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(V + c64[:, None] * stride_vt + hk * stride_vh + d[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        acc = _dot_seen(acc * alpha[:, None], p, allowed, vt, PRECISION)
         m_i = m_new
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # l = 0: no key seen (output 0, lse -inf), or every seen score is -inf, a 0/0 softmax (NaN,
+    # as the definition's); l NaN (a non-finite score) stays NaN, in lse too.
+    seen = l_i != 0
+    undefined = (k_end > ks)[:, None] & ~seen[:, None]
+    out = tl.where(undefined, float("nan"), acc / tl.where(seen, l_i, 1.0)[:, None])
     tl.store(O + r64[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)),
+                   tl.where(k_end > ks, float("nan"), float("-inf")))
     tl.store(LSE + h.to(tl.int64) * total_q + r64, lse, mask=rmask)
 
 
@@ -112,8 +140,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, CU_Q, CU_K, scale,
         allowed = (cols[None, :] >= ks[:, None]) & (cols[None, :] < k_end[:, None]) & rmask[:, None]
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+        ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)  # dp may be NaN where p = 0
+        dq = _dot_seen(dq, ds, allowed, kt, PRECISION)
     tl.store(DQ + r64[:, None] * stride_dqt + h * stride_dqh + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qd_mask)
 
@@ -164,10 +192,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_K, CU_Q, CU_K, scale,
             st = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * scale
             allowed = (rows[None, :] >= q_start[:, None]) & (rows[None, :] < qe[:, None]) & cmask[:, None]
             pt = tl.where(allowed, tl.exp(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dv = _dot_seen(dv, pt, allowed, do, PRECISION)
             dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            dst = tl.where(allowed, pt * (dpt - delta[None, :]), 0.0)  # delta of unseen rows may be NaN
+            dk = _dot_seen(dk, dst, allowed, q, PRECISION)
     tl.store(DK + c64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kd_mask)
     tl.store(DV + c64[:, None] * stride_dvt + hk * stride_dvh + d[None, :], dv.to(DV.dtype.element_ty),

@@ -1,0 +1,111 @@
+"""Non-finite inputs of varlen attention: a sequence's outputs and gradients depend only on its own
+q/k/v, so NaN/inf planted in one sequence of a packed batch leaves every other sequence finite and
+equal to the clean run, and inside the poisoned sequence exactly the (token, head) rows that the
+float64 reference makes non-finite are non-finite (never hidden as zeros, never leaking to rows
+that do not see the value, e.g. earlier rows under causal)."""
+import pytest
+import torch
+
+import asvit_kernels as ak
+from asvit_kernels import reference
+
+from _util import cases
+
+# Several sequences share one packed query tile (32 rows on CPU, 64 on GPU); sequence 1 is poisoned.
+LENS = [23, 6, 30, 49, 9]
+POISONED = 1
+H, H_KV, D = 4, 2, 16
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(LENS)
+    q = torch.randn(total, H, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(total, H_KV, D, generator=g, dtype=torch.float64) for _ in range(2))
+    dy = torch.randn(total, H, D, generator=g, dtype=torch.float64)
+    return q, k, v, dy
+
+
+def _plant(q, k, v, which: str, bad: float):
+    """Copies with ``bad`` at one element of sequence POISONED (a middle token, kv head 1)."""
+    q, k, v = q.clone(), k.clone(), v.clone()
+    start = sum(LENS[:POISONED])
+    t = start + LENS[POISONED] // 2
+    {"q": q, "k": k, "v": v}[which][t, H - 1 if which == "q" else 1, 3] = bad
+    return q, k, v
+
+
+def _run(fn, q, k, v, dy, upstream: str, dtype, device):
+    """out, dq, dk, dv of fn; ``upstream="out"`` backpropagates d(sum out^2 / 2), so the output
+    gradient is non-finite wherever the output is."""
+    leaves = [t.to(device, dtype).clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grad = out.detach() if upstream == "out" else dy.to(device, dtype)
+    out.backward(grad)
+    return [t.detach().double().cpu() for t in [out] + [x.grad for x in leaves]]
+
+
+def _bad_rows(t: torch.Tensor) -> torch.Tensor:
+    """(tokens, heads) bool: rows holding a non-finite element."""
+    return ~torch.isfinite(t).all(-1)
+
+
+@pytest.mark.parametrize("device,backend", cases("varlen_attention"))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("upstream", ["random", "out"])
+def test_nonfinite_stays_in_its_sequence(device, backend, causal, which, bad, upstream, poison):
+    q, k, v, dy = _inputs(7)
+    pq, pk, pv = _plant(q, k, v, which, bad)
+    cu = ak.cu_seqlens_from_lengths(LENS).to(device)
+    dtype = torch.float32
+    op = lambda a, b, c: ak.varlen_attention(a, b, c, cu, causal=causal, backend=backend)  # noqa: E731
+    ref = lambda a, b, c: reference.varlen_attention(a, b, c, cu.cpu(), causal=causal)   # noqa: E731
+    clean = _run(op, q, k, v, dy, upstream, dtype, device)
+    got = _run(op, pq, pk, pv, dy, upstream, dtype, device)
+    want = _run(ref, pq, pk, pv, dy, upstream, torch.float64, "cpu")
+    assert torch.isfinite(torch.cat([t.flatten() for t in clean])).all(), "the clean run is not finite"
+    lo, hi = sum(LENS[:POISONED]), sum(LENS[:POISONED + 1])
+    other = torch.ones(sum(LENS), dtype=torch.bool)
+    other[lo:hi] = False
+    assert _bad_rows(want[0]).any(), "the planted value reaches no output row: the test would prove nothing"
+    for name, g, c, w in zip(["out", "dq", "dk", "dv"], got, clean, want):
+        assert torch.isfinite(g[other]).all(), f"{name}: non-finite rows leak into other sequences"
+        assert torch.equal(g[other], c[other]), f"{name}: other sequences differ from the clean run"
+        rows, want_rows = _bad_rows(g[lo:hi]), _bad_rows(w[lo:hi])
+        assert torch.equal(rows, want_rows), (
+            f"{name}: non-finite (token, head) rows of the poisoned sequence\n{rows.int()}\n"
+            f"differ from the reference's\n{want_rows.int()}")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_nonfinite_under_torch_func(which):
+    """The composite form that runs under torch.func transforms follows the same rule."""
+    q, k, v, _ = _inputs(3)
+    pq, pk, pv = _plant(q, k, v, which, float("nan"))
+    cu = ak.cu_seqlens_from_lengths(LENS)
+
+    def f(a, b, c):
+        return ak.varlen_attention(a, b, c, cu, causal=True, backend="torch")
+
+    got = torch.func.vmap(f)(pq[None].float(), pk[None].float(), pv[None].float())[0].double()
+    want = reference.varlen_attention(pq, pk, pv, cu, causal=True)
+    assert _bad_rows(want).any()
+    assert torch.equal(_bad_rows(got), _bad_rows(want))
+    assert torch.allclose(got.nan_to_num(7.0), want.nan_to_num(7.0), rtol=1e-4, atol=1e-5)
+
+
+def test_rows_that_see_no_key_stay_zero():
+    """Causal with len_k < len_q: rows 0-3 see no key and return exact zeros, row 4 sees key 0
+    only and stays finite, row 5 sees the NaN in key 1's value."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 1, 8, generator=g)
+    k, v = torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+    v[1, 0, 0] = float("nan")
+    cu_q, cu_k = ak.cu_seqlens_from_lengths([6]), ak.cu_seqlens_from_lengths([2])
+    for backend in ("torch", "triton"):
+        out = ak.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend=backend)
+        assert torch.equal(out[:4], torch.zeros(4, 1, 8)), backend
+        assert torch.isfinite(out[4]).all(), backend  # row 4 sees key 0 only
+        assert not torch.isfinite(out[5, 0, 0]) and torch.isfinite(out[5, 0, 1:]).all(), backend
