@@ -12,7 +12,7 @@ import torch
 
 from .. import backends
 from ..ranges import RangeLike, normalize_range, normalize_ranges, total_width
-from . import _transforms, _validate
+from . import _autocast, _transforms, _validate
 
 Tensor = torch.Tensor
 
@@ -125,7 +125,8 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
         backend: None/"auto", "torch" or "triton" (see ``asvit_kernels.backends``).
 
     Returns:
-        ``(..., out_width)``: ``F.linear(x, weight[out_idx][:, in_idx], bias[out_idx])``.
+        ``(..., out_width)``: ``F.linear(x, weight[out_idx][:, in_idx], bias[out_idx])``; under
+        ``torch.autocast`` the inputs are cast as ``F.linear``'s are (``ops._autocast``).
     """
     _validate.tensor(x, "x", min_ndim=1)
     _validate.tensor(weight, "weight", ndim=2)
@@ -133,6 +134,7 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
         _validate.tensor(bias, "bias", ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
+    x, weight, bias = _autocast.matmul_inputs(x.device, x, weight, bias)
     _validate.same_device_dtype(x, "x", weight=weight, bias=bias)
     C_out, C_in = weight.shape
     in_r = normalize_range(in_range, C_in, "in_range")
@@ -230,7 +232,8 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
         backend: None/"auto", "torch", "triton" or "cuda".
 
     Returns:
-        ``(..., width)``, equal to ``F.layer_norm(x, (width,), weight[idx], bias[idx], eps)``.
+        ``(..., width)``, equal to ``F.layer_norm(x, (width,), weight[idx], bias[idx], eps)``, also in
+        dtype under ``torch.autocast`` (``ops._autocast``).
     """
     _validate.tensor(x, "x", min_ndim=1)
     _validate.tensor(weight, "weight", ndim=1)
@@ -238,6 +241,7 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
         _validate.tensor(bias, "bias", ndim=1)
         if bias.shape != weight.shape:
             raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has {tuple(weight.shape)}")
+    x, weight, bias = _autocast.layer_norm_inputs(x, weight, bias)
     _validate.same_device_dtype(x, "x", weight=weight, bias=bias)
     eps = _validate.finite_float(eps, "eps")
     offset, width = normalize_range(channel_range, weight.shape[0], "channel_range")
