@@ -91,3 +91,54 @@ class Embedder(nn.Module):
 
     def forward(self, idx):
         return self.fc(torch.tanh(self.emb(idx))).sum(1)
+
+
+class Tied(nn.Module):
+    """Two Linear layers (and two LayerNorms) holding the same Parameters (tied weights)."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.n2.weight = self.n1.weight
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, x):                                                   # (B, T, d)
+        h = torch.tanh(self.a(self.n1(x)))
+        return self.out(torch.tanh(self.b(self.n2(h))).mean(1))
+
+
+class CalledTwice(nn.Module):
+    """One Linear called twice."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.fc, self.out = nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))).mean(1))
+
+
+class DirectUse(nn.Module):
+    """A Linear's weight also used directly (F.linear), where no layer hook can see it."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.fc, self.out = nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) + F.linear(torch.sin(x), self.fc.weight)
+        return self.out(h.mean(1))
+
+
+class TiedEmbedding(nn.Module):
+    """Language-model weight tying: the output Linear holds the Embedding's weight."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.emb(idx))).sum(1)

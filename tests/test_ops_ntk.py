@@ -8,7 +8,8 @@ from torch import nn
 import asvit_kernels as ak
 from asvit_kernels import reference
 
-from _ntk_models import CustomLayer, Embedder, Interacting, TinyViT, WindowsFirst
+from _ntk_models import (CalledTwice, CustomLayer, DirectUse, Embedder, Interacting, Tied, TiedEmbedding, TinyViT,
+                         WindowsFirst)
 from _util import TOL, cases, dtypes_for, rel_err
 
 
@@ -173,3 +174,35 @@ def test_length_distortion_equals_per_coordinate_loop():
         ak.length_distortion(model, pts, tans[:5])
     with pytest.raises(ValueError, match="chunk_size"):
         ak.length_distortion(model, pts, tans, chunk_size=-1)
+
+
+@pytest.mark.parametrize("make,path", [(Tied, "fast"), (CalledTwice, "fast"), (DirectUse, "exact"),
+                                       (TiedEmbedding, "exact")])
+@pytest.mark.parametrize("params", ["all", "weights"])
+def test_ntk_shared_parameters(make, path, params):
+    """A Parameter held by two layers, a layer called twice, a weight also used outside its layer:
+    the answer is the definition's (every use's gradient summed before the Gram). The fast path
+    concatenates the uses of tied layers of one kind; a use no hook sees, or layers of different
+    kinds sharing a weight, take the exact path and say why."""
+    torch.manual_seed(1)
+    model = make().double()
+    if make is TiedEmbedding:
+        x = torch.randint(0, 11, (5, 4))
+    else:
+        x = torch.randn(5, 4, 6, dtype=torch.float64)
+    K, info = ak.ntk(model, x, params=params, return_info=True)
+    assert info["path"] == path, info
+    if path == "exact":
+        assert "weight" in info["reason"], info
+    assert rel_err(K, reference.ntk_loop(model, x, params=params)) <= 1e-6
+
+
+def test_ntk_shared_parameters_many_models():
+    """The vmapped multi-model pass replaces every alias of a tied Parameter by the model's own."""
+    torch.manual_seed(2)
+    models = [Tied().double() for _ in range(3)]
+    x = torch.randn(4, 4, 6, dtype=torch.float64)
+    K, info = ak.ntk(models, x, return_info=True)
+    assert info["path"] == "fast", info
+    for k, m in zip(K, models):
+        assert rel_err(k, reference.ntk_loop(m, x)) <= 1e-6

@@ -163,10 +163,12 @@ def _embedding_gram(idx: Tensor, g: Tensor, padding_idx: Optional[int]) -> Tenso
     return ((G @ G.T) * same).view(B, T, B, T).sum((1, 3))
 
 
-def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[list[nn.Module], list[str]]:
-    """The supported layers owning selected parameters, and the names of selected plain parameters
-    broadcast over the batch; _Fallback when anything else holds a selected parameter."""
+def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[list[nn.Module], list[str], list[str]]:
+    """The supported layers owning selected parameters, the names of selected plain parameters
+    broadcast over the batch, and the names of the selected parameters the layers own; _Fallback
+    when anything else holds a selected parameter."""
     wanted = {id(p) for _, p in chosen}
+    in_layers, owners = set(), {}
     records, plain = [], []
     for mod_name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
@@ -174,15 +176,22 @@ def _plan(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> tuple[lis
         own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) in wanted]
         if not own:
             continue
+        for _, p in own:
+            owners.setdefault(id(p), []).append(type(m).__name__)
         if type(m) in _SUPPORTED:
             records.append(m)
+            in_layers.update(id(p) for _, p in own)
             continue
         for n, p in own:
             if p.dim() == 0 or p.shape[0] != 1:
                 raise _Fallback(f"parameter {mod_name + '.' if mod_name else ''}{n} of {type(m).__name__} "
                                 f"is not broadcast over the batch (leading dim 1)")
             plain.append(f"{mod_name}.{n}" if mod_name else n)
-    return records, plain
+    for name, p in chosen:
+        if len(owners.get(id(p), ())) > 1 and not (id(p) in in_layers and len(set(owners[id(p)])) == 1):
+            raise _Fallback(f"parameter {name} is shared by modules of different kinds "
+                            f"({', '.join(sorted(set(owners[id(p)])))})")
+    return records, plain, [n for n, p in chosen if id(p) in in_layers]
 
 
 def _hooked(records: list[nn.Module], on_call: Callable):
@@ -203,18 +212,21 @@ def _probe_shapes(model, x, output_fn, records) -> tuple[list[tuple[torch.Size, 
     return shapes, out
 
 
-def _layer_grads(model, x, output_fn, records, plain, state, shapes):
+def _layer_grads(model, x, output_fn, records, plain, tracked, state, shapes):
     """One forward + one backward: autograd for one model, ``torch.func.vjp`` under vmap over stacked models.
 
     Zero probes added to every recorded layer output (and to per-sample copies of the plain
-    parameters) turn ``d sum_i s_i / d probe`` into each layer's output gradient. Returns
-    (call order as record indices, the calls' inputs, their output grads, the plain params' grads).
+    parameters) turn ``d sum_i s_i / d probe`` into each layer's output gradient. The layers'
+    parameters (``tracked``) are differentiated too: their batch gradient must be the sum of the
+    per-sample ones the layers give, which fails when a use escapes the hooks. Returns (call order
+    as record indices, the calls' inputs, their output grads, the plain params' grads, the tracked
+    params' batch grads).
     """
     B = x.shape[0]
     order, inputs = [], []
     index = {id(r): i for i, r in enumerate(records)}
 
-    def f(probes, plain_probes):
+    def f(probes, plain_probes, tracked_values):
         it = iter(probes)
         order.clear()
         inputs.clear()
@@ -227,6 +239,7 @@ def _layer_grads(model, x, output_fn, records, plain, state, shapes):
         st = dict(state)
         for name, pp in zip(plain, plain_probes):
             st[name] = st[name].expand(B, *st[name].shape[1:]) + pp
+        st.update(zip(tracked, tracked_values))
         handles = _hooked(records, on_call)
         try:
             out = _call_with(model, st, lambda: _outputs(model, x, output_fn))
@@ -240,31 +253,88 @@ def _layer_grads(model, x, output_fn, records, plain, state, shapes):
     plain_probes = [torch.zeros(B, *state[n].shape[1:], device=x.device, dtype=state[n].dtype) for n in plain]
     if not _transforms.active():
         # Plain autograd: the fused custom ops (attention, elastic layers) run, which torch.func cannot see into.
-        leaves = [t.requires_grad_() for t in probes + plain_probes]
+        values = [state[n].detach().requires_grad_() for n in tracked]
+        leaves = [t.requires_grad_() for t in probes + plain_probes] + values
         with torch.enable_grad():
-            s, layer_inputs = f(probes, plain_probes)
-            all_grads = torch.autograd.grad(s, leaves)
-        return list(order), list(layer_inputs), list(all_grads[:len(probes)]), list(all_grads[len(probes):])
-    s, vjp_fn, layer_inputs = torch.func.vjp(f, probes, plain_probes, has_aux=True)
-    grads, plain_grads = vjp_fn(torch.ones_like(s))
-    return list(order), list(layer_inputs), grads, plain_grads
+            s, layer_inputs = f(probes, plain_probes, values)
+            all_grads = torch.autograd.grad(s, leaves, allow_unused=True, materialize_grads=True)
+        n, m = len(probes), len(probes) + len(plain_probes)
+        return (list(order), list(layer_inputs), list(all_grads[:n]), list(all_grads[n:m]), list(all_grads[m:]))
+    s, vjp_fn, layer_inputs = torch.func.vjp(f, probes, plain_probes, [state[n] for n in tracked], has_aux=True)
+    grads, plain_grads, tracked_grads = vjp_fn(torch.ones_like(s))
+    return list(order), list(layer_inputs), grads, plain_grads, tracked_grads
 
 
-def _assemble(records, chosen_ids, order, inputs, grads, plain_grads, B, backend, device) -> Tensor:
+def _combine(name: str, uses: list) -> tuple:
+    """One parameter's per-sample factor from every layer holding it (tied weights): the
+    per-sample gradient is the sum over the uses, so token factors are concatenated (as one layer
+    called several times) and vectors added, before any Gram."""
+    (r0, (a0, g0)) = uses[0]  # _plan let only layers of one type share a parameter
+    padding_idx = getattr(r0, "padding_idx", None)
+    if any(getattr(r, "padding_idx", None) != padding_idx for r, _ in uses):
+        raise _Fallback(f"parameter {name} is shared by Embeddings with different padding_idx")
+    if len(uses) == 1:
+        return (a0, g0), padding_idx
+    if g0 is None:
+        return (sum(f[0] for _, f in uses), None), None
+    if isinstance(a0, str):
+        return ("embedding", tuple(torch.cat([f[1][i] for _, f in uses], 1) for i in (0, 1))), padding_idx
+    return (torch.cat([f[0] for _, f in uses], 1), torch.cat([f[1] for _, f in uses], 1)), None
+
+
+def _batch_grad(factor: tuple, padding_idx: Optional[int], p: Tensor) -> Tensor:
+    """The sum over the samples of the per-sample gradients a factor stands for, shaped as ``p``."""
+    a, g = factor
+    if isinstance(a, str):
+        idx, rows = g
+        out = torch.zeros(p.shape, dtype=rows.dtype, device=rows.device)
+        out.index_add_(0, idx.reshape(-1), rows.reshape(-1, rows.shape[-1]))
+        if padding_idx is not None:
+            out[padding_idx] = 0
+        return out
+    if g is None:
+        return a.sum(0).reshape(p.shape)
+    return torch.einsum("bto,bti->oi", g, a.to(g.dtype)).reshape(p.shape)
+
+
+def _check_uses(name: str, factor: Optional[tuple], padding_idx, p: Tensor, batch_grad: Tensor) -> None:
+    """_Fallback unless the layers' per-sample gradients add up to the parameter's batch gradient:
+    a use no hook sees (the weight read directly, through F.linear) would be missing from the NTK."""
+    want = batch_grad.double()
+    got = torch.zeros_like(want) if factor is None else _batch_grad(factor, padding_idx, p).double()
+    tol = 1e-8 if batch_grad.dtype == torch.float64 else 1e-3 if batch_grad.dtype == torch.float32 else 3e-2
+    if (got - want).norm() > tol * (got.norm() + want.norm()) + 1e-30:
+        raise _Fallback(f"parameter {name} is used outside the layers holding it: their per-sample "
+                        f"gradients do not add up to its gradient")
+
+
+def _assemble(records, chosen, order, inputs, grads, plain_grads, tracked, tracked_grads, B, backend,
+              device) -> Tensor:
     """Sum every selected parameter's block of the NTK, each a Gram of per-sample quantities."""
-    K = torch.zeros(B, B, dtype=torch.float64, device=device)
+    names = {id(p): n for n, p in chosen}
+    uses: dict[int, list] = {}
     for i, r in enumerate(records):
         calls = [k for k, j in enumerate(order) if j == i]
-        for pname, (a, g) in _layer_factors(r, [inputs[k] for k in calls], [grads[k] for k in calls], B).items():
-            if id(getattr(r, pname)) not in chosen_ids:
-                continue
-            if isinstance(a, str):  # embedding rows
-                K += _embedding_gram(g[0], g[1], r.padding_idx).double()
-            elif g is None:
-                v = a.double()
-                K += v @ v.T
-            else:
-                K += per_sample_grad_gram(a, g, backend=backend).double()
+        for pname, f in _layer_factors(r, [inputs[k] for k in calls], [grads[k] for k in calls], B).items():
+            if id(getattr(r, pname)) in names:
+                uses.setdefault(id(getattr(r, pname)), []).append((r, f))
+    params = dict(chosen)
+    factors = {}
+    for name, batch_grad in zip(tracked, tracked_grads):
+        pid = id(params[name])
+        factor, padding_idx = _combine(name, uses[pid]) if pid in uses else (None, None)
+        _check_uses(name, factor, padding_idx, params[name], batch_grad)
+        if factor is not None:
+            factors[name] = factor, padding_idx
+    K = torch.zeros(B, B, dtype=torch.float64, device=device)
+    for (a, g), padding_idx in factors.values():
+        if isinstance(a, str):  # embedding rows
+            K += _embedding_gram(g[0], g[1], padding_idx).double()
+        elif g is None:
+            v = a.double()
+            K += v @ v.T
+        else:
+            K += per_sample_grad_gram(a, g, backend=backend).double()
     for gp in plain_grads:
         v = gp.reshape(B, -1).double()
         K += v @ v.T
@@ -277,30 +347,29 @@ def _fast_ntk(models: Sequence[nn.Module], x: Tensor, output_fn: OutputFn, param
     stacked parameters when R > 1), or _Fallback."""
     model = models[0]
     chosen = select_parameters(model, params)
-    records, plain = _plan(model, chosen)
+    records, plain, tracked = _plan(model, chosen)
     shapes, out = _probe_shapes(model, x, output_fn, records)
     if not _samples_independent(model, x, output_fn, out):
         raise _Fallback("the samples interact (changing sample 0 changes the other outputs)")
     try:
         if len(models) == 1:
-            state = {n: p for n, p in model.named_parameters() if n in plain}
-            runs = [_layer_grads(model, x, output_fn, records, plain, state, shapes)]
+            state = {n: p for n, p in model.named_parameters() if n in plain or n in tracked}
+            runs = [_layer_grads(model, x, output_fn, records, plain, tracked, state, shapes)]
         else:
             ps, bs = torch.func.stack_module_state(list(models))
             order = []
 
             def one(p, b):
-                o, i, g, pg = _layer_grads(model, x, output_fn, records, plain, {**p, **b}, shapes)
+                o, i, g, pg, tg = _layer_grads(model, x, output_fn, records, plain, tracked, {**p, **b}, shapes)
                 order[:] = o  # the call order is the architecture's, the same for every model
-                return i, g, pg
+                return i, g, pg, tg
 
-            ins, gs, pgs = torch.func.vmap(one)(ps, bs)
-            runs = [(order, [t[r] for t in ins], [t[r] for t in gs], [t[r] for t in pgs]) for r in range(len(models))]
+            outs = torch.func.vmap(one)(ps, bs)
+            runs = [(order, *([t[r] for t in part] for part in outs)) for r in range(len(models))]
     except RuntimeError as err:
         raise _Fallback(f"the one-pass forward/backward failed ({err})") from err
-    chosen_ids = {id(p) for _, p in chosen}
-    return torch.stack([_assemble(records, chosen_ids, o, i, g, pg, x.shape[0], backend, x.device)
-                        for o, i, g, pg in runs])
+    return torch.stack([_assemble(records, chosen, o, i, g, pg, tracked, tg, x.shape[0], backend, x.device)
+                        for o, i, g, pg, tg in runs])
 
 
 def _call_with(model: nn.Module, replacements: dict[str, Tensor], fn: Callable[[], Tensor]) -> Tensor:
@@ -309,7 +378,8 @@ def _call_with(model: nn.Module, replacements: dict[str, Tensor], fn: Callable[[
     if not replacements:
         return fn()
     from torch.nn.utils.stateless import _reparametrize_module
-    with _reparametrize_module(model, replacements, strict=False):
+    # tie_weights: a Parameter held by two modules is replaced under every name it has.
+    with _reparametrize_module(model, replacements, tie_weights=True, strict=False):
         return fn()
 
 
