@@ -101,16 +101,20 @@ __device__ __forceinline__ int64_t key_end(const SeqBounds& s, bool causal, int6
 
 // ---- shared-memory tiles -------------------------------------------------------------------------
 // dst[r][c] (row stride kD + 1) = src[r * stride_t + c] as fp32 for r < rows_valid and c < D, else 0.
+// Returns whether this thread loaded a non-finite value (see Frag::add_ab_seen).
 template <int kRows, int kD, typename T>
-__device__ __forceinline__ void load_tile(float* dst, const T* src, int64_t stride_t,
+__device__ __forceinline__ bool load_tile(float* dst, const T* src, int64_t stride_t,
                                           int64_t rows_valid, int D) {
+  bool bad = false;
   for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
     const int r = idx / kD;
     const int c = idx % kD;
     float v = 0.f;
     if (r < rows_valid && c < D) v = to_float(src[r * stride_t + c]);
+    bad |= !isfinite(v);
     dst[r * (kD + 1) + c] = v;
   }
+  return bad;
 }
 
 // dst[r] = scale * src[r] for r < rows_valid, else 0 (per-row lse / delta of a query tile).
@@ -173,6 +177,24 @@ struct Frag {
       for (int i = 0; i < RM; ++i)
 #pragma unroll
         for (int j = 0; j < RN; ++j) v[i][j] = fmaf(a[i], b[j], v[i][j]);
+    }
+  }
+
+  // add_ab over the pairs (row, k) that seen(row, k) allows only. A is 0 at the other pairs, but
+  // B may hold NaN/inf there (a key under the causal frontier, a query row that does not see this
+  // key), and 0 * inf = NaN would reach rows that never see it. Run only for tiles whose B holds a
+  // non-finite value (block-uniform branch), so clean inputs pay nothing.
+  template <int KDIM, typename Seen>
+  __device__ __forceinline__ void add_ab_seen(const float* A, int lda, const float* B, int ldb, Seen seen) {
+#pragma unroll 1  // the rare path: keep its registers and code small
+    for (int k = 0; k < KDIM; ++k) {
+#pragma unroll
+      for (int i = 0; i < RM; ++i) {
+        if (!seen(row(i), k)) continue;
+        const float a = A[row(i) * lda + k];
+#pragma unroll
+        for (int j = 0; j < RN; ++j) v[i][j] = fmaf(a, B[k * ldb + col(j)], v[i][j]);
+      }
     }
   }
 
@@ -278,13 +300,17 @@ __device__ __forceinline__ void fwd_tile(const VarlenAttnParams& p, const SeqBou
     }
 
     __syncthreads();  // everyone is done reading the K tile
-    load_tile<kBN, kD>(KVs, v + n0 * p.v_st, p.v_st, s.len_k - n0, p.D);
+    const bool v_bad = load_tile<kBN, kD>(KVs, v + n0 * p.v_st, p.v_st, s.len_k - n0, p.D);
     sc.store_shared(Ps, kBN + 1);
-    __syncthreads();
-    o.template add_ab<kBN>(Ps, kBN + 1, KVs, kD + 1);
+    if (__syncthreads_or(v_bad))
+      o.template add_ab_seen<kBN>(Ps, kBN + 1, KVs, kD + 1,
+                                  [&](int r, int c) { return allowed(s, p.causal, m0 + r, n0 + c); });
+    else
+      o.template add_ab<kBN>(Ps, kBN + 1, KVs, kD + 1);
   }
 
-  // out = O / l (0 for rows without any allowed key); lse = ln(sum exp S) = (m + log2 l) * ln 2.
+  // out = O / l; lse = ln(sum exp S) = (m + log2 l) * ln 2. l = 0: the row sees no key (out 0,
+  // lse -inf) or every score it sees is -inf, a 0/0 softmax (NaN). l NaN stays NaN, in lse too.
   T* out = static_cast<T*>(p.out) + (s.q0 + m0) * p.out_st + h * p.out_sh;
   float* lse = p.lse + h * p.total_q + s.q0 + m0;
 #pragma unroll
@@ -292,11 +318,14 @@ __device__ __forceinline__ void fwd_tile(const VarlenAttnParams& p, const SeqBou
     const float l = row16_sum(l_run[i]);
     const int r = SFrag::row(i);
     if (r >= rows) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const bool sees = allowed(s, p.causal, m0 + r, 0);  // key 0 is the first any row can see
+    const float none = sees ? __int_as_float(0x7fc00000) : 0.f;  // NaN, or the documented 0
 #pragma unroll
     for (int j = 0; j < OFrag::RN; ++j)
-      if (OFrag::col(j) < p.D) out[r * p.out_st + OFrag::col(j)] = from_float<T>(o.v[i][j] * inv);
-    if (threadIdx.x % 16 == 0) lse[r] = l > 0.f ? (m_run[i] + log2f(l)) * kLn2 : kNegInf;
+      if (OFrag::col(j) < p.D)
+        out[r * p.out_st + OFrag::col(j)] = from_float<T>(l != 0.f ? o.v[i][j] / l : none);
+    if (threadIdx.x % 16 == 0)
+      lse[r] = l != 0.f ? (m_run[i] + log2f(l)) * kLn2 : sees ? __int_as_float(0x7fc00000) : kNegInf;
   }
 }
 
@@ -367,9 +396,9 @@ __device__ __forceinline__ void dq_tile(const VarlenAttnParams& p, const SeqBoun
   const int64_t n_end = key_end(s, p.causal, m0, rows);
   for (int64_t n0 = 0; n0 < n_end; n0 += kBN) {
     __syncthreads();  // the previous iteration is done reading Ks and dSs
-    load_tile<kBN, kD>(Ks, k + n0 * p.k_st, p.k_st, s.len_k - n0, p.D);
+    const bool k_bad = load_tile<kBN, kD>(Ks, k + n0 * p.k_st, p.k_st, s.len_k - n0, p.D);
     load_tile<kBN, kD>(Vs, v + n0 * p.v_st, p.v_st, s.len_k - n0, p.D);
-    __syncthreads();
+    const bool any_k_bad = __syncthreads_or(k_bad);
 
     SFrag sc, dp;
     sc.zero();
@@ -391,7 +420,11 @@ __device__ __forceinline__ void dq_tile(const VarlenAttnParams& p, const SeqBoun
     }
     sc.store_shared(dSs, kBN + 1);
     __syncthreads();
-    dq.template add_ab<kBN>(dSs, kBN + 1, Ks, kD + 1);
+    if (any_k_bad)
+      dq.template add_ab_seen<kBN>(dSs, kBN + 1, Ks, kD + 1,
+                                   [&](int r, int c) { return allowed(s, p.causal, m0 + r, n0 + c); });
+    else
+      dq.template add_ab<kBN>(dSs, kBN + 1, Ks, kD + 1);
   }
   dq.store_global(static_cast<T*>(p.dq) + row0 * p.dq_st + h * p.dq_sh, p.dq_st, rows, p.D, p.scale);
 }
@@ -449,12 +482,13 @@ __device__ __forceinline__ void dkdv_tile(const VarlenAttnParams& p, const SeqBo
       const int64_t row0 = s.q0 + m0;
       const int64_t rows = s.len_q - m0 < kBM ? s.len_q - m0 : kBM;
       __syncthreads();  // Ks/Vs are written; the previous iteration is done reading Qs, dOs, Pt, dSt
-      load_tile<kBM, kD>(Qs, static_cast<const T*>(p.q) + row0 * p.q_st + h * p.q_sh, p.q_st, rows, p.D);
-      load_tile<kBM, kD>(dOs, static_cast<const T*>(p.dout) + row0 * p.dout_st + h * p.dout_sh,
-                         p.dout_st, rows, p.D);
+      bool bad = load_tile<kBM, kD>(Qs, static_cast<const T*>(p.q) + row0 * p.q_st + h * p.q_sh, p.q_st,
+                                    rows, p.D);
+      bad |= load_tile<kBM, kD>(dOs, static_cast<const T*>(p.dout) + row0 * p.dout_st + h * p.dout_sh,
+                                p.dout_st, rows, p.D);
       load_rows<kBM>(lse2, p.lse + h * p.total_q + row0, rows, kLog2e);
       load_rows<kBM>(dlt, p.delta + h * p.total_q + row0, rows, 1.f);
-      __syncthreads();
+      const bool any_bad = __syncthreads_or(bad);
 
       STFrag st, dpt;
       st.zero();
@@ -478,8 +512,14 @@ __device__ __forceinline__ void dkdv_tile(const VarlenAttnParams& p, const SeqBo
       st.store_shared(Pt, kBM + 1);
       dpt.store_shared(dSt, kBM + 1);
       __syncthreads();
-      dv.template add_ab<kBM>(Pt, kBM + 1, dOs, kD + 1);   // dV += P^T dO
-      dk.template add_ab<kBM>(dSt, kBM + 1, Qs, kD + 1);   // dK += dS^T Q
+      if (any_bad) {
+        const auto seen = [&](int r, int c) { return allowed(s, p.causal, m0 + c, n0 + r); };
+        dv.template add_ab_seen<kBM>(Pt, kBM + 1, dOs, kD + 1, seen);
+        dk.template add_ab_seen<kBM>(dSt, kBM + 1, Qs, kD + 1, seen);
+      } else {
+        dv.template add_ab<kBM>(Pt, kBM + 1, dOs, kD + 1);   // dV += P^T dO
+        dk.template add_ab<kBM>(dSt, kBM + 1, Qs, kD + 1);   // dK += dS^T Q
+      }
     }
   }
   dk.store_global(static_cast<T*>(p.dk) + (s.k0 + n0) * p.dk_st + kvh * p.dk_sh, p.dk_st, keys, p.D,
