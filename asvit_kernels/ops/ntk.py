@@ -75,6 +75,11 @@ def per_sample_grad_gram(a: Tensor, g: Tensor, *, backend: Optional[str] = None)
         raise ValueError(f"a and g must share (B, T), got {tuple(a.shape[:2])} and {tuple(g.shape[:2])}")
     if a.shape[0] == 0:
         raise ValueError("a and g have an empty batch (B = 0)")
+    if a.shape[1] == 0:
+        raise ValueError(f"a and g have no tokens (T = 0): shapes {tuple(a.shape)} and {tuple(g.shape)}")
+    for name, t, dim in (("a", a, "D_in"), ("g", g, "D_out")):
+        if t.shape[2] == 0:
+            raise ValueError(f"{name} has no features ({dim} = 0): shape {tuple(t.shape)}")
     impl = backends.pick("per_sample_grad_gram", a.device, backend, a.dtype)
     return _gram_op(a, g, impl)
 
@@ -533,17 +538,20 @@ def _jvp_chunk(model, output_fn, pts, tans):
 def length_distortion(model: nn.Module, points: Tensor, tangents: Tensor, *, output_fn: OutputFn = None,
                       chunk_size: Optional[int] = None) -> float:
     """L^E = sum over points of ``|| J_f(points_n) tangents_n ||_2`` by forward-mode JVP, the points
-    batched (``chunk_size`` at a time; all by default). The model must treat samples independently
+    batched (``chunk_size`` >= 1 at a time; None: all at once). The model must treat samples independently
     (eval mode / LayerNorm, as in As-ViT)."""
     if not isinstance(points, Tensor) or not isinstance(tangents, Tensor):
         raise TypeError("points and tangents must be tensors")
+    for name, t in (("points", points), ("tangents", tangents)):
+        if not t.is_floating_point():  # forward-mode AD needs a float primal and tangent
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if points.shape != tangents.shape:
         raise ValueError(f"points {tuple(points.shape)} and tangents {tuple(tangents.shape)} must have one shape")
     if points.dim() < 2 or points.shape[0] == 0:
         raise ValueError(f"points must be (n >= 1, *input_shape), got {tuple(points.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     step = chunk_size or points.shape[0]
-    if step < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     total = 0.0
     for i in range(0, points.shape[0], step):
         jt = _jvp_chunk(model, output_fn, points[i:i + step], tangents[i:i + step])

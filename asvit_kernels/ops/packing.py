@@ -38,11 +38,27 @@ def pack(x: torch.Tensor, seq_lens: Lengths) -> tuple[torch.Tensor, torch.Tensor
 
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
     """Packed (total, ...) -> (B, max_len, ...), zeros past each sample's length."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-        raise TypeError("cu_seqlens must be a 1-D integer tensor")
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(packed.device)
-    if lens.numel() and int(lens.max()) > max_len:
-        raise ValueError(f"max_len ({max_len}) is shorter than the longest sequence ({int(lens.max())})")
+    if not isinstance(packed, torch.Tensor) or packed.dim() < 1:
+        raise TypeError("packed must be a tensor of shape (total, ...)")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise TypeError("cu_seqlens must be a 1-D integer tensor (B + 1,)")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"max_len must be a non-negative int, got {max_len!r}")
+    cu = cu_seqlens.long().to(packed.device)
+    lens = cu[1:] - cu[:-1]
+    steps = lens if lens.numel() else cu.new_zeros(1)
+    first, last, low, longest = torch.stack([cu[0], cu[-1], steps.min(), steps.max()]).tolist()  # one host read
+    # The order matters: a decreasing cu has negative lengths, which no max_len can explain.
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu.tolist()}")
+    if low < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    if last != packed.shape[0]:
+        raise ValueError(f"cu_seqlens[-1] ({last}) must equal the number of packed rows ({packed.shape[0]})")
+    if longest > max_len:
+        raise ValueError(f"max_len ({max_len}) is shorter than the longest sequence ({longest})")
     keep = torch.arange(max_len, device=packed.device)[None, :] < lens[:, None]
     out = packed.new_zeros(lens.numel(), max_len, *packed.shape[1:])
     return out.index_put((keep,), packed)
