@@ -1,8 +1,12 @@
 """Plain ViT / DeiT in timm's ``VisionTransformer`` layout, on ``asvit_kernels.nn.Attention``.
 
 Parameter names match timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.norm1``,
-``.attn.qkv``, ``.attn.proj``, ``.norm2``, ``.mlp.fc1``, ``.mlp.fc2``, ``norm``, ``head``), so a timm
-``vit_*`` / ``deit_*`` (non-distilled) state dict loads with ``strict=True``.
+``.attn.qkv``, ``.attn.proj``, ``.norm2``, ``.mlp.fc1``, ``.mlp.fc2``, ``norm``, ``head``; with the
+options ``reg_token``, ``dist_token``/``head_dist``, ``ls1``/``ls2.gamma``, ``attn.q_norm``/``k_norm``,
+``norm_pre``, ``fc_norm``), so a timm ``VisionTransformer`` state dict loads with ``strict=True``.
+``ViT.from_timm(model)`` reads the whole config from a timm model (activation included, which no
+state dict records) and refuses, naming it, anything it does not implement; the README gives the
+measured count of timm's vit_*/deit_* architectures it builds.
 
 Beyond timm's layout:
   - per-layer widths (``num_heads``, ``attn_dims``, ``mlp_dims`` as lists), so a ViTAS sub-network
@@ -13,6 +17,7 @@ Beyond timm's layout:
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -24,11 +29,11 @@ from asvit_kernels import backends
 from asvit_kernels.nn import Attention
 from asvit_kernels.ops.packing import cu_seqlens_from_lengths
 
-__all__ = ["ViT", "PatchEmbed", "Mlp", "Block", "DropPath", "resample_pos_embed"]
+__all__ = ["ViT", "PatchEmbed", "Mlp", "Block", "DropPath", "LayerScale", "ACTIVATIONS", "resample_pos_embed"]
 
 Tensor = torch.Tensor
 Size2 = Union[int, Sequence[int]]
-GLOBAL_POOLS = ("token", "avg")
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -137,43 +142,80 @@ class PatchEmbed(nn.Module):
     ``img_size``, ``grid_size`` and ``num_patches`` describe the size the position embedding was
     built for; other sizes divisible by the patch are accepted (the caller checks divisibility)."""
 
-    def __init__(self, img_size: tuple[int, int], patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+    def __init__(self, img_size: tuple[int, int], patch_size: tuple[int, int], in_chans: int, embed_dim: int,
+                 bias: bool = True):
         super().__init__()
         self.img_size, self.patch_size = img_size, patch_size
         self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class Mlp(nn.Module):
-    """``fc1 (D -> hidden) -> GELU -> fc2 (hidden -> D)``, timm's names."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: OpenAI CLIP's activation (timm's ``quick_gelu``)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP activations of timm ViTs, by the name ``act_layer`` takes. The name is part of the model's
+# config because a state dict cannot tell them apart (SigLIP's tanh GELU loads into an exact one).
+ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+               "quick_gelu": QuickGELU, "silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+class Mlp(nn.Module):
+    """``fc1 (D -> hidden) -> act -> fc2 (hidden -> D)``, timm's names; ``act`` a name of ``ACTIVATIONS``."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = make_activation(act)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * gamma`` (CaiT / DeiT-3 / DINOv2; timm's ``ls1``/``ls2``)."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.init_values = float(init_values)
+        self.gamma = nn.Parameter(torch.full((dim,), self.init_values))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + drop(attn(norm1(x)))``, then ``x + drop(mlp(norm2(x)))``.
+    """Pre-norm transformer block: ``x + drop(ls1(attn(norm1(x))))``, then ``x + drop(ls2(mlp(norm2(x))))``.
 
     Takes ``(B, N, D)``, or packed ``(total, D)`` with a ``_Packing`` (one varlen attention call)."""
 
     def __init__(self, dim: int, num_heads: int, attn_dim: int, mlp_dim: int, qkv_bias: bool,
-                 drop_path: float, norm_eps: float, backend: Optional[str]):
+                 drop_path: float, norm_eps: float, backend: Optional[str], *, qk_norm: bool = False,
+                 init_values: Optional[float] = None, act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_dim=attn_dim, backend=backend)
+        qk_norm_layer = functools.partial(nn.LayerNorm, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm_layer=qk_norm_layer,
+                              attn_dim=attn_dim, backend=backend)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim)
+        self.mlp = Mlp(dim, mlp_dim, act)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: Tensor, packing: Optional[_Packing] = None) -> Tensor:
@@ -181,8 +223,8 @@ class Block(nn.Module):
             a = self.attn(self.norm1(x))
         else:
             a = self.attn(self.norm1(x), cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen)
-        x = x + self.drop_path1(a, packing)
-        return x + self.drop_path2(self.mlp(self.norm2(x)), packing)
+        x = x + self.drop_path1(self.ls1(a), packing)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), packing)
 
 
 def resample_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
@@ -217,8 +259,22 @@ class ViT(DropPathRate, nn.Module):
             q, k and v in that layer (``qkv: D -> 3 * attn_dim``, ``proj: attn_dim -> D``).
         mlp_dims: None (= ``int(embed_dim * mlp_ratio)``) or a list of ``depth`` MLP hidden widths.
         class_token: prepend a class token (its position embedding row included, as timm).
-        global_pool: "token" (the class token's features) or "avg" (mean over the patch tokens of
-            the normed features; timm's ``global_pool="avg", fc_norm=False``).
+        reg_tokens: register tokens after the class token (``reg_token (1, R, D)``; DINOv2-reg, "reg4").
+        no_embed_class: the position embedding covers the patches only; prefix tokens get none
+            (DeiT-3, big_vision).
+        distilled: DeiT's distillation token after the class token and a second head
+            ``head_dist``; logits are the mean of both heads (timm's inference output).
+        global_pool: "token" (the class token's features), or "avg" / "max" / "avgmax" over the
+            patch tokens.
+        fc_norm: the final norm after pooling (``fc_norm``) instead of before it (``norm``). False
+            by default; None is timm's rule (True for "avg", "max", "avgmax").
+        pre_norm: a LayerNorm ``norm_pre`` after the embedding, and no patch-embedding bias (CLIP).
+        final_norm: False drops the final norm.
+        init_values: LayerScale ``ls1``/``ls2`` with this initial gamma (None: no LayerScale).
+        qk_norm: LayerNorm of q and k per head (``attn.q_norm``/``attn.k_norm``).
+        act_layer: the MLP activation, one of ``ACTIVATIONS`` ("gelu" exact, "gelu_tanh",
+            "quick_gelu", "silu", "relu"). A state dict cannot tell them apart, so it is config:
+            ``ViT.from_timm`` reads it from the timm model.
         drop_path_rate: stochastic depth of the last block; block i gets ``rate * i / (depth - 1)``
             (timm's linear rule). Settable later: ``set_drop_path`` or ``model.drop_path_rate = r``.
         norm_eps: LayerNorm epsilon (timm: 1e-6).
@@ -232,7 +288,10 @@ class ViT(DropPathRate, nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: Union[int, Sequence[int]] = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, *, attn_dims: Optional[Sequence[int]] = None,
                  mlp_dims: Optional[Sequence[int]] = None, class_token: bool = True, global_pool: str = "token",
-                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, backend: Optional[str] = None):
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, backend: Optional[str] = None,
+                 reg_tokens: int = 0, no_embed_class: bool = False, distilled: bool = False,
+                 fc_norm: Optional[bool] = False, pre_norm: bool = False, final_norm: bool = True,
+                 init_values: Optional[float] = None, qk_norm: bool = False, act_layer: str = "gelu"):
         super().__init__()
         img, patch = _pair(img_size, "img_size"), _pair(patch_size, "patch_size")
         if img[0] % patch[0] or img[1] % patch[1]:
@@ -254,6 +313,14 @@ class ViT(DropPathRate, nn.Module):
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError('global_pool="token" needs class_token=True (use global_pool="avg")')
+        reg_tokens = _pos_int(reg_tokens, "reg_tokens", minimum=0)
+        if distilled and (not class_token or reg_tokens or global_pool != "token"):
+            raise ValueError('distilled=True needs class_token=True, reg_tokens=0 and global_pool="token"')
+        if init_values is not None and (isinstance(init_values, bool) or not isinstance(init_values, numbers.Real)):
+            raise ValueError(f"init_values must be None or a number, got {init_values!r}")
+        if act_layer not in ACTIVATIONS:
+            raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {act_layer!r}")
+        use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else bool(fc_norm)
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) or not norm_eps > 0:
             raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
         if backend is not None and backend != "auto" and backend not in backends.BACKENDS:
@@ -263,33 +330,58 @@ class ViT(DropPathRate, nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_heads, self.attn_dims, self.mlp_dims = heads, attn, mlp
         self.has_class_token = bool(class_token)
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens, self.no_embed_class, self.distilled = reg_tokens, bool(no_embed_class), bool(distilled)
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
+        self.act_layer, self.norm_eps = act_layer, float(norm_eps)
 
-        self.patch_embed = PatchEmbed(img, patch, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img, patch, in_chans, embed_dim, bias=not pre_norm)
         self.img_size, self.patch_size = img, patch
         self.grid_size, self.num_patches = self.patch_embed.grid_size, self.patch_embed.num_patches
         if class_token:
             self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
         else:
             self.register_parameter("cls_token", None)
-        self.pos_embed = nn.Parameter(torch.empty(1, self.num_prefix_tokens + self.num_patches, embed_dim))
+        self.dist_token = nn.Parameter(torch.empty(1, 1, embed_dim)) if distilled else None
+        self.reg_token = nn.Parameter(torch.empty(1, reg_tokens, embed_dim)) if reg_tokens else None
+        pos_len = self.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.empty(1, pos_len, embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=float(norm_eps)) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, heads[i], attn[i], mlp[i], qkv_bias, 0.0, float(norm_eps), backend)
+            Block(embed_dim, heads[i], attn[i], mlp[i], qkv_bias, 0.0, float(norm_eps), backend, qk_norm=qk_norm,
+                  init_values=init_values, act=act_layer)
             for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=float(norm_eps))
+        final = nn.LayerNorm(embed_dim, eps=float(norm_eps)) if final_norm else nn.Identity()
+        self.norm = nn.Identity() if use_fc_norm else final
+        self.fc_norm = final if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.set_drop_path(drop_path_rate)
         self.init_weights()
 
     # ------------------------------------------------------------------ set-up
+
+    @classmethod
+    def from_timm(cls, model: nn.Module, backend: Optional[str] = None) -> "ViT":
+        """A ``ViT`` with the architecture of a timm ``VisionTransformer`` (or DeiT's distilled
+        one), read from the model itself (activation included), holding its weights (loaded with
+        ``strict=True``), on its device and dtype; a ``meta`` model gives a ``meta`` ViT.
+        ``ValueError`` names the first option of ``model`` that ViT does not implement."""
+        return _from_timm(cls, model, backend)
 
     def init_weights(self) -> None:
         """timm's default init (see the class docstring); deterministic under torch.manual_seed."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():  # pre-order, as timm draws them
             init_linear_and_norm(m)
+            if isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, m.init_values)
 
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth ``rate`` for the last block, linear from 0 at the first (timm's rule)."""
@@ -300,7 +392,7 @@ class ViT(DropPathRate, nn.Module):
             blk.drop_path1.drop_prob = blk.drop_path2.drop_prob = p
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {n for n in ("pos_embed", "cls_token", "reg_token", "dist_token") if getattr(self, n) is not None}
 
     # ------------------------------------------------------------------ batched path
 
@@ -323,9 +415,15 @@ class ViT(DropPathRate, nn.Module):
         """Images ``(B, C, H, W)`` of one size -> tokens ``(B, prefix + gh*gw, D)`` with positions."""
         grid = self._grid(x.shape[-2], x.shape[-1])
         t = self.patch_embed(x)
-        if self.cls_token is not None:
-            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1)
-        return t + resample_pos_embed(self.pos_embed, self.grid_size, grid, self.num_prefix_tokens)
+        prefix = [p.expand(t.shape[0], -1, -1) for p in (self.cls_token, self.dist_token, self.reg_token)
+                  if p is not None]
+        if self.no_embed_class:  # positions for the patches only, then the prefix tokens in front
+            t = t + resample_pos_embed(self.pos_embed, self.grid_size, grid, 0)
+            t = torch.cat(prefix + [t], 1) if prefix else t
+        else:
+            t = torch.cat(prefix + [t], 1) if prefix else t
+            t = t + resample_pos_embed(self.pos_embed, self.grid_size, grid, self.num_prefix_tokens)
+        return self.norm_pre(t)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)``, H and W multiples of the patch -> normed tokens ``(B, prefix + N, D)``."""
@@ -336,15 +434,28 @@ class ViT(DropPathRate, nn.Module):
         return self.norm(t)
 
     def _pool(self, x: Tensor) -> Tensor:
-        """``(B, prefix + N, D)`` -> ``(B, D)``."""
+        """``(B, prefix + N, D)`` -> ``(B, D)`` (distilled: ``(B, 2, D)``, class and distillation token)."""
         if self.global_pool == "token":
-            return x[:, 0]
-        return x[:, self.num_prefix_tokens:].mean(1)
+            return x[:, :2] if self.distilled else x[:, 0]
+        patches = x[:, self.num_prefix_tokens:]
+        if self.global_pool == "avg":
+            return patches.mean(1)
+        if self.global_pool == "max":
+            return patches.amax(1)
+        return 0.5 * (patches.amax(1) + patches.mean(1))
+
+    def _head(self, pooled: Tensor, pre_logits: bool) -> Tensor:
+        """Pooled ``(n, D)`` (distilled ``(n, 2, D)``) -> fc_norm -> logits, or the pre-logits."""
+        pooled = self.fc_norm(pooled)
+        if self.distilled:  # timm's inference output: the mean of both heads
+            if pre_logits:
+                return pooled.mean(1)
+            return 0.5 * (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1]))
+        return pooled if pre_logits else self.head(pooled)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Features ``(B, prefix + N, D)`` -> logits ``(B, num_classes)`` (pooled ``(B, D)`` with pre_logits)."""
-        x = self._pool(x)
-        return x if pre_logits else self.head(x)
+        return self._head(self._pool(x), pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> logits ``(B, num_classes)`` (features ``(B, D)`` when num_classes=0)."""
@@ -393,11 +504,114 @@ class ViT(DropPathRate, nn.Module):
         x, packing = self._features_packed(images)
         starts = packing.cu_seqlens[:-1].long()
         if self.global_pool == "token":
-            pooled = x[starts]
-        else:  # segment mean over each sample's patch tokens
+            pooled = torch.stack([x[starts], x[starts + 1]], 1) if self.distilled else x[starts]
+        else:  # segment mean / max over each sample's patch tokens
             sample, n = packing.sample_of_token, packing.num_samples
             is_patch = torch.arange(x.shape[0], device=x.device) - starts[sample] >= self.num_prefix_tokens
-            sums = x.new_zeros(n, x.shape[1]).index_add(0, sample[is_patch], x[is_patch])
-            counts = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1] - self.num_prefix_tokens).to(x.dtype)
-            pooled = sums / counts[:, None]
-        return pooled if pre_logits else self.head(pooled)
+            idx, patches = sample[is_patch], x[is_patch]
+            if self.global_pool != "max":
+                counts = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1] - self.num_prefix_tokens).to(x.dtype)
+                mean = x.new_zeros(n, x.shape[1]).index_add(0, idx, patches) / counts[:, None]
+            if self.global_pool != "avg":
+                big = x.new_empty(n, x.shape[1])
+                amax = big.scatter_reduce(0, idx[:, None].expand_as(patches), patches, "amax", include_self=False)
+            pooled = {"avg": lambda: mean, "max": lambda: amax, "avgmax": lambda: 0.5 * (amax + mean)}[self.global_pool]()
+        return self._head(pooled, pre_logits)
+
+
+# ----------------------------------------------------------------------------- from timm
+
+_TIMM_ACTS = {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "ReLU": "relu"}
+
+
+def _timm_activation(act: nn.Module) -> Optional[str]:
+    name = type(act).__name__
+    if name == "GELU":  # torch's (approximate attribute) or timm's exact one
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(act, "approximate", "none"))
+    return _TIMM_ACTS.get(name)
+
+
+def _from_timm(cls, model: nn.Module, backend: Optional[str]) -> "ViT":
+    def refuse(what: str):
+        raise ValueError(f"ViT.from_timm: {type(model).__name__} uses {what}, which ViT does not implement")
+
+    if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
+        refuse(f"class {type(model).__module__}.{type(model).__name__} (not timm's VisionTransformer)")
+    if getattr(model, "attn_pool", None) is not None:
+        refuse(f"global_pool={model.global_pool!r} (attention pooling)")
+    if model.global_pool not in GLOBAL_POOLS:
+        refuse(f"global_pool={model.global_pool!r}")
+    if getattr(model, "pool_include_prefix", False):
+        refuse("pool_include_prefix=True")
+    if model.pos_embed is None:
+        refuse("no position embedding (pos_embed='none')")
+    pe = model.patch_embed
+    if type(pe).__name__ != "PatchEmbed" or not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity) \
+            or getattr(pe, "flatten", True) is not True or getattr(pe, "dynamic_img_pad", False):
+        refuse(f"patch embedding {type(pe).__name__} with a norm, padding or no flatten")
+    distilled = type(model).__name__ == "VisionTransformerDistilled"
+    if distilled and getattr(model, "distilled_training", False):
+        refuse("distilled_training=True (two outputs)")
+
+    norms = [model.norm, model.fc_norm, model.norm_pre]
+    blocks = list(model.blocks)
+    heads, attn_dims, mlp_dims, acts, ls, qk_norm, qkv_bias = [], [], [], set(), set(), set(), set()
+    for i, blk in enumerate(blocks):
+        if type(blk).__name__ != "Block":
+            refuse(f"block class {type(blk).__name__}")
+        a, m = blk.attn, blk.mlp
+        if type(a).__name__ != "Attention" or type(m).__name__ != "Mlp":
+            refuse(f"blocks[{i}] attention {type(a).__name__} / MLP {type(m).__name__}")
+        for what, mod in (("scale_attn_norm", a.norm), ("scale_mlp_norm", getattr(m, "norm", nn.Identity()))):
+            if not isinstance(mod, nn.Identity):
+                refuse(what)
+        if getattr(a, "gate", None) is not None:
+            refuse("gated attention")
+        if a.proj.bias is None or m.fc1.bias is None or m.fc2.bias is None:
+            refuse("proj_bias=False")
+        if a.scale != a.head_dim ** -0.5:
+            refuse(f"an attention scale {a.scale} other than head_dim ** -0.5")
+        act = _timm_activation(m.act)
+        if act is None:
+            refuse(f"MLP activation {type(m.act).__name__}")
+        heads.append(a.num_heads)
+        attn_dims.append(a.num_heads * a.head_dim)
+        mlp_dims.append(m.fc1.out_features)
+        acts.add(act)
+        qk_norm.add(not isinstance(a.q_norm, nn.Identity))
+        qkv_bias.add(a.qkv.bias is not None)
+        for sc in (blk.ls1, blk.ls2):
+            ls.add(None if isinstance(sc, nn.Identity) else float(getattr(sc, "init_values", 1e-5)))
+        norms += [blk.norm1, blk.norm2] + ([a.q_norm, a.k_norm] if qk_norm == {True} else [])
+    for what, values in (("different activations per block", acts), ("qk_norm in some blocks only", qk_norm),
+                         ("qkv_bias in some blocks only", qkv_bias), ("LayerScale in some blocks only",
+                                                                      {v is None for v in ls})):
+        if len(values) > 1:
+            refuse(what)
+    eps = set()
+    for n in norms:
+        if isinstance(n, nn.Identity):
+            continue
+        if not isinstance(n, nn.LayerNorm) or not n.elementwise_affine or n.bias is None:
+            refuse(f"norm layer {type(n).__name__} (not an affine LayerNorm)")
+        eps.add(n.eps)
+    if len(eps) > 1:
+        refuse(f"LayerNorms with different eps {sorted(eps)}")
+    ref = next(model.parameters())
+    pre_norm = not isinstance(model.norm_pre, nn.Identity)
+    if (pe.proj.bias is None) != pre_norm:
+        refuse("a patch-embedding bias that does not follow pre_norm (bias = not pre_norm)")
+    use_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    with torch.device(ref.device):
+        ours = cls(img_size=tuple(pe.img_size), patch_size=tuple(pe.patch_size), in_chans=pe.proj.in_channels,
+                   num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(blocks), num_heads=heads,
+                   qkv_bias=qkv_bias == {True}, attn_dims=attn_dims, mlp_dims=mlp_dims,
+                   class_token=model.cls_token is not None, global_pool=model.global_pool,
+                   norm_eps=eps.pop() if eps else 1e-6, backend=backend, reg_tokens=model.num_reg_tokens,
+                   no_embed_class=model.no_embed_class, distilled=distilled, fc_norm=use_fc_norm,
+                   pre_norm=pre_norm, final_norm=not (isinstance(model.norm, nn.Identity) and not use_fc_norm),
+                   init_values=next(iter(ls)) if blocks and None not in ls else None, qk_norm=qk_norm == {True},
+                   act_layer=acts.pop() if acts else "gelu")
+    ours = ours.to(ref.dtype)
+    ours.load_state_dict(model.state_dict(), strict=True)
+    return ours.train(model.training)

@@ -14,6 +14,7 @@ from torch import nn
 import asvit_kernels as ak
 from asvit_kernels.models.vit import DropPath, ViT, _Packing
 
+from _timm import import_timm
 from _util import rel_err
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
@@ -162,7 +163,9 @@ def test_matches_plain_vit(dtype, pool, class_token):
 
 @pytest.mark.parametrize("pool,class_token", [("token", True), ("avg", False)])
 def test_matches_timm(pool, class_token):
-    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    if import_timm() is None:
+        pytest.skip("timm does not import")
+    import timm.models.vision_transformer as timm_vit
     torch.manual_seed(0)
     theirs = timm_vit.VisionTransformer(**SMALL, global_pool=pool, class_token=class_token, fc_norm=False)
     randomize(theirs).double().eval()
@@ -221,6 +224,88 @@ def _counting(monkeypatch):
 
     monkeypatch.setattr(mod, "varlen_attention", counted)
     return calls
+
+
+# timm VisionTransformer options (architectures that use them in parentheses)
+TIMM_OPTIONS = {
+    "reg4_layerscale": dict(reg_tokens=4, init_values=1e-5),                      # DINOv2-reg
+    "distilled": dict(distilled=True),                                            # deit_*_distilled
+    "no_embed_class_gap_fcnorm": dict(no_embed_class=True, class_token=False, global_pool="avg", fc_norm=True),
+    "qk_norm_tanh_gelu": dict(qk_norm=True, act_layer="gelu_tanh"),               # SigLIP-style MLP
+    "pre_norm_quick_gelu": dict(pre_norm=True, act_layer="quick_gelu"),           # OpenAI CLIP
+    "max_pool": dict(global_pool="max", fc_norm=None),
+    "avgmax_no_final_norm": dict(global_pool="avgmax", final_norm=False),
+}
+
+
+@pytest.mark.parametrize("opts", TIMM_OPTIONS.values(), ids=TIMM_OPTIONS.keys())
+def test_timm_options_packed_equals_per_image(opts):
+    """Each option computes the same per image in the batched and the packed path (prefix tokens,
+    position embedding, pooling, heads), forward and gradients."""
+    torch.manual_seed(0)
+    ours = randomize(ViT(**SMALL, **opts)).double()
+    images = [torch.randn(3, h, w, dtype=torch.float64) for h, w in ((32, 32), (48, 32), (16, 16))]
+    out = ours.forward_packed(images)
+    want = torch.cat([ours(im[None]) for im in images])
+    assert out.shape == (3, 10) and rel_err(out, want) <= 1e-10
+    w = torch.randn_like(out)
+    params = list(ours.parameters())
+    # scale: some gradients are 0 up to rounding (k_norm's bias cannot change a softmax)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((want * w).sum(), params)):
+        assert rel_err(a, b, scale=1e-4) <= 1e-10
+
+
+def test_activation_is_config_not_state():
+    """Same state dict, different activations, different functions: the activation travels in the
+    config (act_layer), and from_timm reads it from the timm model."""
+    torch.manual_seed(0)
+    exact = randomize(ViT(**SMALL)).double()
+    tanh = ViT(**SMALL, act_layer="gelu_tanh").double()
+    tanh.load_state_dict(exact.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert rel_err(tanh(x), exact(x)) > 1e-8
+    assert isinstance(tanh.blocks[0].mlp.act, nn.GELU) and tanh.blocks[0].mlp.act.approximate == "tanh"
+    assert tanh.act_layer == "gelu_tanh"
+
+
+# timm architectures ViT.from_timm builds (a cross-section of the families counted in the README)
+# and ones it refuses with the option named.
+FROM_TIMM = {"vit_tiny_patch16_224": 32, "vit_small_patch14_reg4_dinov2": 28, "deit_tiny_distilled_patch16_224": 32,
+             "deit3_small_patch16_224": 32, "vit_base_patch16_clip_quickgelu_224": 32,
+             "vit_base_patch32_siglip_gap_256": 64, "vit_medium_patch16_gap_256": 32}
+REFUSED = {"vit_base_patch16_siglip_224": "attention pooling", "vit_base_patch16_rope_reg1_gap_256": "Eva",
+           "vit_small_r26_s32_224": "HybridEmbed", "vit_relpos_small_patch16_224": "VisionTransformerRelPos"}
+
+
+@pytest.mark.parametrize("name", sorted(FROM_TIMM))
+def test_from_timm_loads_strictly_and_computes_the_same(name):
+    timm = import_timm()
+    if timm is None:
+        pytest.skip("timm does not import")
+    torch.manual_seed(0)
+    size = FROM_TIMM[name]
+    # depth=2: the family's options at a fraction of the CPU time
+    theirs = timm.create_model(name, pretrained=False, img_size=size, num_classes=10, depth=2)
+    theirs = randomize(theirs).double().eval()
+    ours = ViT.from_timm(theirs)
+    assert ours.pos_embed.dtype == torch.float64 and not ours.training
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    check_forward_backward(theirs, ours, x, torch.float64)
+    assert rel_err(ours.forward_packed(list(x)), theirs(x)) <= 1e-10
+    if "siglip" in name:
+        assert ours.act_layer == "gelu_tanh"
+    if "quickgelu" in name:
+        assert ours.act_layer == "quick_gelu"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_from_timm_refuses_what_it_does_not_implement(name):
+    timm = import_timm()
+    if timm is None:
+        pytest.skip("timm does not import")
+    model = timm.create_model(name, pretrained=False, device="meta")
+    with pytest.raises(ValueError, match=REFUSED[name]):
+        ViT.from_timm(model)
 
 
 @pytest.mark.parametrize("pool,class_token", [("token", True), ("avg", True), ("avg", False)])
@@ -334,7 +419,11 @@ def test_drop_path_packed_draws_one_decision_per_sample():
     (dict(num_classes=-1), "num_classes"),
     (dict(in_chans=0), "in_chans"),
     (dict(mlp_ratio=0.0), "mlp_ratio"),
-    (dict(global_pool="max"), "global_pool"),
+    (dict(global_pool="map"), "global_pool"),
+    (dict(act_layer="gelu_erf"), "act_layer"),
+    (dict(reg_tokens=-1), "reg_tokens"),
+    (dict(distilled=True, reg_tokens=4), "distilled"),
+    (dict(init_values="1e-5"), "init_values"),
     (dict(class_token=False), "class_token"),
     (dict(drop_path_rate=-0.1), "drop_path_rate"),
     (dict(norm_eps=0.0), "norm_eps"),

@@ -4,18 +4,10 @@ fp64), with timm's masks, ``forward_intermediates``, ``features_only``, FX featu
 TorchScript; ``timm.create_model(..., attn_layer=asvit_kernels.nn.Attention)``; models with
 attention classes of their own are left alone; gated attention keeps its gate.
 
-torchvision workaround (test-only). timm imports torchvision; PyPI's torchvision wheel is a CUDA
-build whose compiled ``torchvision/_C.so`` fails to load next to the CPU torch (it links CUDA
-libraries), after which ``import torchvision`` dies registering fake kernels for the operators
-``torchvision::nms`` and ``torchvision::qnms`` that the library would have defined. When (and only
-when) loading ``_C.so`` fails, ``_import_timm`` defines exactly those two operator schemas,
-``nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor`` and the same for ``qnms``, with
-``torch.library.Library("torchvision", "DEF")`` and no kernel, before importing timm. Nothing here
-calls them (NMS is detection post-processing); calling one would raise "no kernel" errors.
+timm is imported through ``_timm.import_timm`` (its docstring says what the torchvision workaround
+does).
 """
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -23,31 +15,12 @@ from torch import nn
 
 from asvit_kernels.nn import Attention, count_patched, patch_timm
 
+from _timm import import_timm
 from _util import rel_err
 
-_TV_LIB = None  # keeps the schema definitions alive for the session
-
-
-def _import_timm():
-    global _TV_LIB
-    spec = importlib.util.find_spec("torchvision")
-    if spec is not None and spec.submodule_search_locations:
-        so = os.path.join(list(spec.submodule_search_locations)[0], "_C.so")
-        try:
-            torch.ops.load_library(so)
-        except (OSError, RuntimeError):
-            if not hasattr(torch.ops.torchvision, "nms"):
-                _TV_LIB = torch.library.Library("torchvision", "DEF")
-                for op in ("nms", "qnms"):
-                    _TV_LIB.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    try:
-        import timm
-    except ImportError as e:
-        pytest.skip(f"timm does not import: {e}", allow_module_level=True)
-    return timm
-
-
-timm = _import_timm()
+timm = import_timm()
+if timm is None:
+    pytest.skip("timm does not import", allow_module_level=True)
 
 # name -> input size (small, so a CPU run stays short; the position embedding is built for it)
 MODELS = {"vit_tiny_patch16_224": 32, "vit_small_patch16_224": 32, "deit_tiny_patch16_224": 32,
