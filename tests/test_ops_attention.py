@@ -194,3 +194,38 @@ def test_opcheck_and_fullgraph_compile():
     reference.varlen_attention(xr, xr, xr, CU, CU).sum(1).sum().backward()
     assert rel_err(y, reference.varlen_attention(xr, xr, xr, CU, CU).sum(1)) <= 10 * TOL[torch.float32]
     assert rel_err(x.grad, xr.grad) <= 10 * TOL[torch.float32]
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_memory_is_linear_in_length(causal, monkeypatch):
+    """One long sequence: the torch backend's forward and backward hold score blocks of at most
+    _SCORE_BUDGET elements (query rows in chunks, exact), never the (N, N) matrix; the result is
+    the reference's."""
+    from asvit_kernels.torch_backend import attention as tb
+    monkeypatch.setattr(tb, "_SCORE_BUDGET", 1 << 16, raising=False)
+    N, H, D = 1500, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dy = (torch.randn(N, H, D, generator=g, dtype=torch.float64) for _ in range(4))
+    cu = ak.cu_seqlens_from_lengths([N])
+    with _LargestOutput() as seen:
+        out, lse = tb.varlen_forward(q, k, v, cu, cu, N, N, D ** -0.5, causal)
+        grads = tb.varlen_backward(dy, q, k, v, out, lse, cu, cu, N, N, D ** -0.5, causal)
+    assert seen.largest <= max(1 << 16, N * H * D), f"largest intermediate {seen.largest} elements (N^2 = {N * N})"
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = reference.varlen_attention(*leaves, cu, cu, causal=causal)
+    want.backward(dy)
+    for name, got, ref in zip(["out", "dq", "dk", "dv"], [out, *grads], [want] + [t.grad for t in leaves]):
+        assert rel_err(got, ref) <= TOL[torch.float64], name

@@ -1,5 +1,6 @@
 """Varlen attention in plain PyTorch: sequences of equal (len_q, len_k) are batched into one
-matmul each, so many equal windows cost a few large calls. Forward returns the log-sum-exp for the
+matmul each, so many equal windows cost a few large calls; long sequences run in chunks of query
+rows, so memory is linear in the length (``_SCORE_BUDGET``). Forward returns the log-sum-exp for the
 backward, which recomputes probabilities from it (flash-attention's contract)."""
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections import defaultdict
 
 import torch
 
-from ..reference.attention import causal_mask
 
 
 def _groups(cu_q: torch.Tensor, cu_k: torch.Tensor):
@@ -59,6 +59,36 @@ def _probs(qb, kb, lse, scale, seen):
     return p if seen is None else p.masked_fill(~seen, 0.0)
 
 
+# Elements of one (n, H, rows, Lk) score block. Query rows are independent, so a group runs in
+# chunks of rows (exact, no online softmax) and memory is O(rows * Lk), not O(Lq * Lk): a 20k-token
+# head holds 8M-element blocks, not two 400M-element matrices. Groups of short windows stay one call.
+_SCORE_BUDGET = 1 << 23
+
+
+def _chunks(n: int, H: int, Lq: int, Lk: int, causal: bool, device):
+    """(query rows, their causal mask (rows, Lk) or None) per chunk of a group."""
+    step = max(1, _SCORE_BUDGET // max(1, n * H * Lk))
+    for i0 in range(0, Lq, step):
+        rows = slice(i0, min(i0 + step, Lq))
+        seen = None
+        if causal:  # rows i0.. of causal_mask(Lq, Lk), without building the whole of it
+            i = torch.arange(rows.start, rows.stop, device=device)[:, None]
+            seen = torch.arange(Lk, device=device)[None, :] <= i + (Lk - Lq)
+        yield rows, seen
+
+
+def _attend(qb, kb, vb, scale: float, seen, check: bool):
+    """Output and lse of query rows ``qb`` (n, H, rows, D) over all keys; ``seen`` their mask."""
+    s = (qb * scale) @ kb.transpose(-1, -2)  # scaling q touches rows*D values, not rows*Lk
+    if seen is not None:
+        s = s.masked_fill(~seen, float("-inf"))
+    m = torch.logsumexp(s, dim=-1)                                         # (n, H, rows)
+    p = torch.softmax(s, dim=-1)
+    if seen is not None:  # a row that sees no key is all -inf (softmax NaN) and returns 0
+        p = p.masked_fill(~seen.any(-1, keepdim=True), 0.0)
+    return _mm_seen(p, vb, seen, check), m
+
+
 def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool, check: bool = True):
     """Per group of equal (len_q, len_k): the query rows, their outputs ``(n * Lq, H, D)`` and
     log-sum-exps ``(H, n * Lq)`` in the accumulation dtype, or (rows, None, None) when there are no keys.
@@ -74,15 +104,9 @@ def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool, check: bool 
         ki = _rows([s for _, s in starts], Lk, q.device)
         qb = _gather(q, qi, n, Lq, H).to(acc)
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
-        s = (qb * scale) @ kb.transpose(-1, -2)  # scaling q touches Lq*D values, not Lq*Lk
-        seen = causal_mask(Lq, Lk, q.device) if causal else None
-        if seen is not None:
-            s = s.masked_fill(~seen, float("-inf"))
-        m = torch.logsumexp(s, dim=-1)                                     # (n, H, Lq)
-        p = torch.softmax(s, dim=-1)
-        if seen is not None:  # a row that sees no key is all -inf (softmax NaN) and returns 0
-            p = p.masked_fill(~seen.any(-1, keepdim=True), 0.0)
-        o = _mm_seen(p, vb, seen, check)
+        parts = [_attend(qb[:, :, rows], kb, vb, scale, seen, check)
+                 for rows, seen in _chunks(n, H, Lq, Lk, causal, q.device)]
+        o, m = (torch.cat(t, 2) if len(parts) > 1 else t[0] for t in zip(*parts))
         yield qi, o.transpose(1, 2).reshape(n * Lq, H, -1), m.transpose(0, 1).reshape(H, n * Lq)
 
 
@@ -109,15 +133,18 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
         qb, dob, ob = (_gather(t, qi, n, Lq, H).to(acc) for t in (q, dout, out))
         kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
         m = lse[:, qi].to(acc).view(H, n, Lq).transpose(0, 1)
-        seen = causal_mask(Lq, Lk, q.device) if causal else None
-        seen_t = None if seen is None else seen.T
-        p = _probs(qb, kb, m, scale, seen)                                 # (n, H, Lq, Lk)
-        dvb = _mm_seen(p.transpose(-1, -2), dob, seen_t)
-        ds = p * (dob @ vb.transpose(-1, -2) - (dob * ob).sum(-1, keepdim=True))
-        if seen is not None:
-            ds = ds.masked_fill(~seen, 0.0)  # p = 0 there, but dp may be NaN (an unseen v)
-        dqb = _mm_seen(ds, kb, seen) * scale
-        dkb = _mm_seen(ds.transpose(-1, -2), qb, seen_t) * scale
+        delta = (dob * ob).sum(-1, keepdim=True)
+        dqb, dkb, dvb = [], torch.zeros_like(kb), torch.zeros_like(vb)
+        for rows, seen in _chunks(n, H, Lq, Lk, causal, q.device):  # dk, dv sum over the chunks
+            seen_t = None if seen is None else seen.T
+            p = _probs(qb[:, :, rows], kb, m[:, :, rows], scale, seen)      # (n, H, rows, Lk)
+            dvb += _mm_seen(p.transpose(-1, -2), dob[:, :, rows], seen_t)
+            ds = p * (dob[:, :, rows] @ vb.transpose(-1, -2) - delta[:, :, rows])
+            if seen is not None:
+                ds = ds.masked_fill(~seen, 0.0)  # p = 0 there, but dp may be NaN (an unseen v)
+            dqb.append(_mm_seen(ds, kb, seen) * scale)
+            dkb += _mm_seen(ds.transpose(-1, -2), qb[:, :, rows], seen_t) * scale
+        dqb = torch.cat(dqb, 2) if len(dqb) > 1 else dqb[0]
         # GQA: a kv head's gradient sums over the query heads that share it.
         dkb = dkb.view(n, H_kv, H // H_kv, Lk, -1).sum(2)
         dvb = dvb.view(n, H_kv, H // H_kv, Lk, -1).sum(2)
