@@ -297,7 +297,8 @@ class Trainer:
 
     def fit(self, *, resume: bool = True, max_epochs_this_call: Optional[int] = None) -> dict[str, Any]:
         """Train to ``config.epochs`` (or ``max_epochs_this_call`` more epochs). Returns a summary:
-        status ("finished" | "interrupted" | "paused"), epoch, step, final and best top-1 (%) of
+        status ("finished" | "interrupted" | "paused"), signal (the stopping signal's name, e.g.
+        "SIGINT", when this process received it), epoch, step, final and best top-1 (%) of
         the model and the slowest EMA, seconds, and the per-epoch records."""
         cfg = self.config
         resumed = False
