@@ -3,6 +3,8 @@ parameter layout and function (against plain float64 softmax(QK^T)V written here
 ``attn_mask`` semantics (key padding through the kernel, other masks through the fallback), packed
 input, gating, TorchScript and FX. patch_timm against real timm is in test_timm.py; here only that a
 look-alike class is not swapped."""
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,6 +244,8 @@ def test_torchscript_runs_and_matches_eager():
     sa = torch.jit.script(a)
     assert rel_err(sa(x, mask), reference(a, x, mask)) <= TOL
     assert rel_err(sa(x, None, True), reference(a, x, causal=True)) <= TOL
+    with pytest.raises(RuntimeError, match="Python function"):  # documented: it cannot be exported
+        torch.jit.save(sa, io.BytesIO())
 
 
 def test_fx_symbolic_trace():
