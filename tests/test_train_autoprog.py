@@ -35,6 +35,8 @@ class FakeTrainer:
         self.config = SimpleNamespace(epochs=epochs, ema_decays=tuple(decays), seed=0, batch_size=4)
         self.device = torch.device("cpu")
         self.epoch, self.steps_per_epoch = 0, steps_per_epoch
+        # The Trainer has no reset_emas (AutoProg grows every EMA copy from itself): this fake has
+        # none either, so a strategy calling one fails with AttributeError; ema_resets stays 0.
         self.optimizer_resets = self.ema_resets = 0
         self.records = []
         g = torch.Generator().manual_seed(1)
@@ -42,11 +44,6 @@ class FakeTrainer:
 
     def reset_optimizer(self):
         self.optimizer_resets += 1
-
-    def reset_emas(self):
-        self.ema_resets += 1
-        for e in self.emas:
-            e.reset(self.model)
 
     def val_batches(self, limit=None):
         yield from self.val[:limit]

@@ -16,7 +16,7 @@ Contract (the trainer keeps it, strategies rely on it):
 * ``state_dict()`` is JSON-serialisable and small (stage index, chosen configs, measured scores).
 
 The trainer attributes a strategy may use (see ``Trainer``): ``model`` (unwrapped), ``emas`` (list
-of ``EmaModel``, slowest decay last), ``reset_optimizer()``, ``reset_emas()``, ``config``
+of ``EmaModel``, slowest decay last), ``reset_optimizer()``, ``config``
 (``TrainConfig``), ``device``, ``epoch`` / ``step`` (global optimizer steps done),
 ``steps_per_epoch``, ``val_batches(limit)`` (held-out (images, labels) on ``device``),
 ``log(record)`` (one JSONL metrics record, rank 0 writes), ``resize(images, size)``.

@@ -259,11 +259,6 @@ class Trainer:
         """A fresh AdamW state (AutoProg: per stage); the learning-rate schedule keeps its place."""
         self.optimizer = self._new_optimizer()
 
-    def reset_emas(self) -> None:
-        """Every EMA copy := the model's current weights."""
-        for e in self.emas:
-            e.reset(self.model)
-
     def resize(self, images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
         return images if size is None else data_lib.resize(images, size)
 
