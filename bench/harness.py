@@ -4,9 +4,15 @@ Timing uses ``torch.utils.benchmark.Timer.blocked_autorange``, which synchronise
 number of runs itself; we report its median. Results go to ``bench/results/<name>_<machine>.json``
 and a Markdown table beside it, with the machine named in both; ``plot_bars`` adds a PNG bar chart
 (matplotlib, when installed).
+
+The scripts' workload definitions (shapes, methods, checks) are also what the pytest-benchmark
+suites ``bench/test_*.py`` time: they load a script with ``script(name)``, so there is one
+definition of each workload and two ways to time it (this module's ``time_ms`` for the scripts'
+tables, pytest-benchmark's fixture for ``pytest bench``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -15,12 +21,34 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
 import torch.utils.benchmark as tbench
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+
+
+def script(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (its workloads, methods and checks; ``main`` is not run).
+
+    Loaded by path as ``bench_<name>``, so ``bench/models.py`` neither shadows nor is shadowed by the
+    top-level ``models/`` package whatever ``sys.path`` holds. Loaded once per process.
+    """
+    key = f"bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return module
 
 
 def machine(device: str) -> dict:
