@@ -304,3 +304,47 @@ def test_search_state_without_its_keys_is_named(tmp_path, state, needle):
     with pytest.raises(ValueError, match="topology_state.pt is damaged") as info:
         runstate.load(tmp_path, "topology")
     assert needle in str(info.value)
+
+
+def _damage(path, drop):
+    """Rewrite the state at ``path`` without the (dotted) key ``drop``."""
+    from asvit_kernels import atomic
+    state = atomic.torch_load(path)
+    *outer, last = drop.split(".")
+    node = state
+    for k in outer:
+        node = node[k]
+    del node[last]
+    atomic.torch_save(path, state)
+
+
+@pytest.mark.parametrize("search, drop, needle", [
+    ("topology", "history", "missing key(s) 'history'"),
+    ("topology", "generator", "missing key(s) 'generator'"),
+    ("topology", "baseline.numerator", "missing key 'numerator'"),
+    ("scaling", "pending", "missing key(s) 'pending'"),
+    ("scaling", "stop_reason", "missing key(s) 'stop_reason'"),
+])
+def test_search_state_missing_a_deeper_key_is_damaged_not_a_key_error(tmp_path, search, drop, needle):
+    from _search_fakes import FakeEvaluate
+    from _search_runner import run_scaling, run_topology
+    from asvit_kernels.search import runstate
+    runner = {"topology": lambda: run_topology(tmp_path, FakeEvaluate(), steps=3),
+              "scaling": lambda: run_scaling(tmp_path, FakeEvaluate(), max_steps_this_call=1)}[search]
+    runner()
+    path = runstate.state_path(tmp_path, search)
+    _damage(path, drop)
+    with pytest.raises(ValueError, match=f"{path.name} is damaged") as info:
+        runner()
+    assert needle in str(info.value) and str(path) in str(info.value)
+
+
+def test_damaged_search_state_through_the_command_is_one_line(tmp_path, capsys):
+    from _search_fakes import FakeEvaluate
+    from _search_runner import run_topology
+    from asvit_kernels.search import runstate
+    run_topology(tmp_path, FakeEvaluate(), steps=2)
+    _damage(runstate.state_path(tmp_path, "topology"), "optimizer")
+    code, _, err = run(["search", "--out", str(tmp_path), "--steps", "2", "--repeats", "1", "--quiet"], capsys)
+    line = one_line(err)
+    assert code == 2 and "topology_state.pt is damaged" in line and "'optimizer'" in line

@@ -209,6 +209,21 @@ def test_resume_refuses_other_settings(supernet, window, tmp_path):
         run(supernet, window, tmp_path, generations=2, seed=9)
 
 
+@pytest.mark.parametrize("drop, needle", [("summaries", "missing key(s) 'summaries'"),
+                                          ("exhausted", "missing key(s) 'exhausted'")])
+def test_a_state_missing_a_key_is_named_damaged(supernet, window, tmp_path, drop, needle):
+    from asvit_kernels import atomic
+    from asvit_kernels.search import runstate
+    run(supernet, window, tmp_path, generations=1)
+    path = runstate.state_path(tmp_path, ev.RUN_NAME)
+    state = atomic.torch_load(path)
+    del state[drop]
+    atomic.torch_save(path, state)
+    with pytest.raises(ValueError, match=f"{ev.STATE_FILE} is damaged") as info:
+        run(supernet, window, tmp_path, generations=2)
+    assert needle in str(info.value)
+
+
 def test_bad_arguments(supernet, window):
     with pytest.raises(ValueError, match="flops_range"):
         run(supernet, (window[1], window[0]))

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 RUN_NAME = "evolution"
 STATE_FILE = f"{RUN_NAME}_state.pt"  # runstate.state_path(run_dir, RUN_NAME)
 JSON_FILE = f"{RUN_NAME}.json"
+_STATE_KEYS = ("settings", "generation", "pending", "history", "summaries", "exhausted", "generator")  # state()'s
 
 Fitness = Callable[[SubnetConfig], float]
 Batches = Union[tuple[torch.Tensor, torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -307,7 +308,7 @@ class _Evolution:
                 "generator": self.generator.get_state()}
 
     def load(self, state: dict[str, Any]) -> None:
-        runstate.check_settings(state["settings"], self.settings)
+        """Restore a saved state (its settings already checked against this run's)."""
         self.generation, self.pending = state["generation"], state["pending"]
         self.history, self.summaries = state["history"], state["summaries"]
         self.exhausted = bool(state["exhausted"])
@@ -434,9 +435,10 @@ def search(supernet: ElasticViT, evaluate_fn: Fitness, flops_range: tuple[float,
                 "num_classes": supernet.num_classes}
     run = _Evolution(supernet.space, supernet.subnet_flops, settings)
     path = None if run_dir is None else Path(run_dir)
-    saved = runstate.load(path, RUN_NAME)
+    saved = runstate.load(path, RUN_NAME, keys=_STATE_KEYS)
     if saved is not None:
-        run.load(saved)
+        runstate.check_settings(saved["settings"], run.settings)
+        runstate.restore(path, RUN_NAME, run.load, saved)
         logger.info("resumed %s at generation %d (%d evaluated)", path, run.generation, len(run.history))
     else:
         run.draw_initial()

@@ -23,7 +23,7 @@ from asvit_kernels.atomic import PathLike, torch_load, torch_save, write_json
 
 from . import distributed
 
-__all__ = ["state_path", "load", "save", "check_settings", "tensor_digest", "json_safe"]
+__all__ = ["state_path", "load", "save", "check_settings", "restore", "tensor_digest", "json_safe"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,16 @@ def _check_keys(path: Path, name: str, state: Any, keys: Iterable[str]) -> None:
     missing = [k for k in keys if k not in state]
     if missing:
         raise ValueError(f"{path} is damaged: missing key(s) {', '.join(map(repr, missing))}")
+
+
+def restore(run_dir: PathLike, name: str, load_state_dict, state: Mapping[str, Any]) -> None:
+    """``load_state_dict(state)``, a state whose inner parts are missing or malformed (KeyError,
+    TypeError, IndexError, ValueError) reported as ValueError naming the file, like ``load``."""
+    try:
+        load_state_dict(state)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{state_path(run_dir, name)} is damaged: {what}") from None
 
 
 def save(run_dir: Optional[PathLike], name: str, state: Mapping[str, Any],

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 EvaluateFn = Callable[..., Mapping[str, Any]]
 STATE_NAME = "scaling"
+_STATE_KEYS = ("settings", "step", "depths", "hidden", "family", "history", "pending", "stop_reason")  # state_dict's
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -314,10 +315,10 @@ def grow(seed_genotype: Union[str, Genotype], *, width_ratios: Sequence[float] =
     settings = _settings(seed_genotype, width_ratios, param_limit, max_candidates, hidden, width_multiplier,
                          tuple(start_depths), repeats, seed, num_classes, img_size, images, eval_kwargs)
     run = _Scaling(settings)
-    saved = runstate.load(run_dir, STATE_NAME)
+    saved = runstate.load(run_dir, STATE_NAME, keys=_STATE_KEYS)
     if saved is not None:
         runstate.check_settings(saved["settings"], settings)
-        run.load_state_dict(saved)
+        runstate.restore(run_dir, STATE_NAME, run.load_state_dict, saved)
     measure = lambda cand: _measure_one(evaluate_fn, images, settings, eval_kwargs, cand)  # noqa: E731
     if max_steps_this_call is not None and max_steps_this_call < 0:
         raise ValueError(f"max_steps_this_call must be >= 0, got {max_steps_this_call}")

@@ -324,6 +324,7 @@ class _Reinforce:
 
 
 _MEASURED = ("kappa", "length_distortion", "params", "flops", "seconds")
+_STATE_KEYS = ("settings", "step", "policy", "optimizer", "baseline", "generator", "history")  # state_dict's
 
 
 def _default_evaluate() -> EvaluateFn:
@@ -393,10 +394,10 @@ def reinforce(space: Mapping[str, Sequence[int]] = SPACE, steps: int = 500, lr: 
     settings = _settings(space, steps, lr, baseline_momentum, buffer, seed, repeats, embed_dim, tuple(depths),
                          cache, split, images, eval_kwargs)
     run = _Reinforce(space, settings)
-    saved = runstate.load(run_dir, STATE_NAME)
+    saved = runstate.load(run_dir, STATE_NAME, keys=_STATE_KEYS)
     if saved is not None:
         runstate.check_settings(saved["settings"], settings, extendable=("steps",))
-        run.load_state_dict(saved)
+        runstate.restore(run_dir, STATE_NAME, run.load_state_dict, saved)
     measure = lambda g: _measure(evaluate_fn, g, images, repeats=repeats, seed=seed, split=split,  # noqa: E731
                                  eval_kwargs=eval_kwargs)
     _loop(run, measure, steps, run_dir, progress, max_steps_this_call)
