@@ -4,7 +4,7 @@ Plain ``pytest`` from the repository root does not collect this directory (pypro
 ``testpaths = ["tests"]``). Each suite loads its script with ``harness.script(name)`` and times the
 script's own workloads and methods with the ``benchmark`` fixture: one benchmark group per workload,
 holding our op and the stock PyTorch baseline(s), each checked against the reference before it is
-timed. Sizes are small CPU sizes (the whole run takes about a minute on 2 cores); the scripts
+timed. Sizes are small CPU sizes (29 benchmarks, 104 s of CPU time measured); the scripts
 themselves make the full tables and plots.
 
     pytest bench                                   # table per group, ours next to the baseline
@@ -51,8 +51,8 @@ def timed_backends(op: str, device: str) -> list[str]:
 
 
 def pytest_configure(config):
-    # Shorter default than pytest-benchmark's 1 s per benchmark: the suites hold ~30 benchmarks and
-    # should take about a minute on 2 cores. Explicit --benchmark-max-time / -min-rounds win.
+    # Shorter default than pytest-benchmark's 1 s per benchmark: the suites hold 29 benchmarks and
+    # should take a minute or two on 2 cores. Explicit --benchmark-max-time / -min-rounds win.
     given = " ".join(config.invocation_params.args)
     if "--benchmark-max-time" not in given and hasattr(config.option, "benchmark_max_time"):
         config.option.benchmark_max_time = 0.25
