@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE, EXIT_FAILED, EXIT_SIGTERM, EXIT_SIGINT = 2, 1, 143, 130
+LOG_NAME, AUTO_LOG = "asvit.log", "<run directory>"
 BENCHES = ("elastic", "attention", "ntk", "models", "search", "kendall", "progressive")
 ARCHS = ("asvit", "vit", "vitas", "vitas-tiny")
 SCHEDULES = ("none", "retokenize", "autoprog", "autoprog-manual", "vitas")
@@ -102,9 +103,24 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                         "default: the bundled digits (32x32, 10 classes)")
 
 
+def _add_output_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v / -q / --log-file / --progress-interval: accepted before and after the subcommand (a
+    subcommand's copy has no default, so it never overwrites what was given before it)."""
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("output") if not top else p
+    g.add_argument("-v", "--verbose", action="store_true", default=d(False),
+                   help="DEBUG logs on stderr (each NTK call's path, each candidate's indicators)")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress and no INFO logs")
+    g.add_argument("--log-file", nargs="?", const=AUTO_LOG, default=d(None), metavar="PATH",
+                   help=f"write the full DEBUG log to PATH (default: OUT/{LOG_NAME}, in the run directory)")
+    g.add_argument("--progress-interval", type=_float(0.0), default=d(None), metavar="SECONDS",
+                   help="when stderr is not a terminal: seconds between two progress lines (default "
+                        "$ASVIT_PROGRESS_INTERVAL or 30)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
+    _add_output_options(p, top=False)
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, defaults_from_preset: bool) -> None:
@@ -130,10 +146,12 @@ def _add_train_options(p: argparse.ArgumentParser, *, defaults_from_preset: bool
 def build_parser() -> argparse.ArgumentParser:
     from asvit_kernels.pipeline.presets import PRESETS
     parser = _Parser(prog="asvit", description="Search, scale and train Vision Transformers (asvit-kernels).")
+    _add_output_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="build info and the devices")
     p.add_argument("--json", action="store_true")
+    _add_output_options(p, top=False)
 
     p = sub.add_parser("search", help="As-ViT topology search (REINFORCE on kappa and L^E)")
     _add_data(p)
@@ -192,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a benchmark script of the source tree's bench/ directory")
     p.add_argument("name", choices=BENCHES)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --device cuda)")
+    _add_output_options(p, top=False)
     return parser
 
 
@@ -387,16 +406,57 @@ COMMANDS = {"info": cmd_info, "search": cmd_search, "scale": cmd_scale, "train":
             "pipeline": cmd_pipeline, "bench": cmd_bench}
 
 
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """The command's logging (library code only logs; handlers are the command's business):
+    asvit_kernels' INFO on stderr (-v: DEBUG, -q: WARNING), through tqdm when bars are shown, and
+    with --log-file everything down to DEBUG in a file. Other libraries' loggers stay at WARNING.
+    Everything installed here is removed again when the command ends."""
+    from asvit_kernels import progress
+    console_level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handlers: list[logging.Handler] = []
+    console = (progress.TqdmLoggingHandler if progress.mode(False if args.quiet else None) == "bar"
+               else logging.StreamHandler)(sys.stderr)
+    console.setLevel(console_level)
+    console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handlers.append(console)
+    if args.log_file is not None:
+        path = Path(args.log_file) if args.log_file != AUTO_LOG else None
+        if path is None:
+            if getattr(args, "out", None) is None:
+                raise UsageError(f"asvit {args.command}: --log-file needs a PATH (this command has no --out)")
+            path = args.out / LOG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path, encoding="utf-8")
+        file.setLevel(logging.DEBUG)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file)
+    root, ours = logging.getLogger(), logging.getLogger("asvit_kernels")
+    saved = ours.level
+    ours.setLevel(min(h.level for h in handlers))  # other loggers keep the root's level (WARNING)
+    for h in handlers:
+        root.addHandler(h)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    progress.set_interval(args.progress_interval)
+    try:
+        yield
+    finally:
+        progress.set_interval(None)
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        ours.setLevel(saved)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from asvit_kernels.train.trainer import NonFiniteLossError
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        if getattr(args, "quiet", False):
-            os.environ.setdefault("TQDM_DISABLE", "1")
+        if args.verbose and args.quiet:
+            raise UsageError("asvit: -v/--verbose and -q/--quiet exclude each other")
         _check_ranges(args)
-        with _run_dir_lock(args):
+        with _run_dir_lock(args), _logging(args):
             return COMMANDS[args.command](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)

@@ -432,7 +432,7 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
     ``s_i = sum_c f(x)[i, c]`` and ``f = output_fn(model, x)`` (default ``model(x)``).
 
     Paths (``return_info=True`` returns ``(K, info)`` with ``info["path"]`` and the reason; the
-    choice is also logged at INFO):
+    choice is also logged at DEBUG and tallied by ``path_counts``):
       - ``"fast"``: one forward + one backward, plus two no-grad forwards (one finds the layer output
         shapes, one with sample 0 replaced checks that the samples do not interact). For a list
         of models the forward/backward is vmapped over their stacked parameters: one pass for all. Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
@@ -476,8 +476,24 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
         info = {"path": "exact", "method": exact[0][1], "reason": str(why)}
     if not isinstance(model, (list, tuple)):
         K = K[0]
-    log.info("ntk: %s path%s", info["path"], f" ({info['reason']})" if info["reason"] else "")
+    _PATHS["calls"] += 1
+    if info["path"] == "exact":
+        _PATHS["exact"][info["reason"]] = _PATHS["exact"].get(info["reason"], 0) + 1
+    log.debug("ntk: %s path%s", info["path"], f" ({info['reason']})" if info["reason"] else "")
     return (K, info) if return_info else K
+
+
+_PATHS: dict = {"calls": 0, "exact": {}}  # what path_counts reports
+
+
+def path_counts(reset: bool = False) -> dict:
+    """How many ``ntk`` calls this process made and, per reason, how many took the exact path:
+    ``{"calls": n, "exact": {reason: count}}`` (a copy; ``reset=True`` starts the tally over).
+    Each call's path is logged at DEBUG; a search stage reports the tally once at INFO."""
+    out = {"calls": _PATHS["calls"], "exact": dict(_PATHS["exact"])}
+    if reset:
+        _PATHS["calls"], _PATHS["exact"] = 0, {}
+    return out
 
 
 def ntk_condition_number(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, **kwargs) -> float:

@@ -3,11 +3,12 @@ progressive re-tokenization, then ``report.md`` with plots.
 
 Layout of a run directory::
 
-    pipeline.json        settings (preset, data, seed), the wall-clock of each stage, the trained genotype
+    pipeline.json        settings (preset, data, seed), the wall-clock of each stage, the trained genotype,
+                         ``estimate``: the run's estimated total (rewritten after every training epoch)
     search/              REINFORCE checkpoint (search.topology) and result.json once finished
     scale/               scaling checkpoint (search.scaling) and result.json once finished
     train/               training checkpoints, metrics.jsonl, final weights, result.json
-    report.md, plots/    written at the end
+    report.md, plots/    rewritten (atomically) after each stage and each training epoch
 
 Every stage is resumable: rerunning the same command continues a killed stage from its last
 checkpoint and skips finished ones (their ``result.json`` exists). Re-running with other settings
@@ -26,7 +27,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -34,6 +35,7 @@ from asvit_kernels import atomic
 from asvit_kernels.models.asvit import AsViT
 from asvit_kernels.models.counting import count_flops, count_params
 from asvit_kernels.models.genotype import Genotype
+from asvit_kernels.progress import format_duration
 from asvit_kernels.search import distributed
 from asvit_kernels.search.scaling import grow
 from asvit_kernels.search.topology import reinforce
@@ -45,7 +47,8 @@ from .presets import Preset
 from .report import write_report
 
 __all__ = ["kappa_images", "run_search", "run_scale", "choose_member", "build_asvit", "train_config", "run_train",
-           "run_pipeline", "machine_text"]
+           "run_pipeline", "machine_text", "ntk_summary",
+           "train_estimate"]
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -77,6 +80,32 @@ def _finished(stage_dir: Path, stage: str) -> Optional[dict]:
     return result
 
 
+def ntk_summary(counts: Mapping[str, Any]) -> Optional[str]:
+    """The INFO line on the NTK's exceptional path over a stage (``ops.ntk.path_counts``), or None
+    when every call took the fast path: "ntk took the exact path for 3 of 371 evaluations: <reason>"."""
+    exact = dict(counts.get("exact") or {})
+    n = sum(exact.values())
+    if not n:
+        return None
+    reasons = "; ".join(f"{why}" + (f" ({k} call{'s' if k != 1 else ''})" if len(exact) > 1 else "")
+                        for why, k in sorted(exact.items(), key=lambda kv: -kv[1]))
+    return f"ntk took the exact path for {n} of {counts['calls']} evaluations: {reasons}"
+
+
+def _stage_start(stage: str, what: str) -> None:
+    from asvit_kernels.ops.ntk import path_counts  # (asvit_kernels.ops.ntk is also a function's name)
+    path_counts(reset=True)
+    log.info("%s: %s", stage, what)
+
+
+def _stage_end(stage: str, seconds: float, what: str) -> None:
+    from asvit_kernels.ops.ntk import path_counts
+    log.info("%s: finished in %s: %s", stage, format_duration(seconds), what)
+    line = ntk_summary(path_counts(reset=True))
+    if line:
+        log.info("%s: %s", stage, line)
+
+
 def _write_result(stage_dir: Path, result: Mapping[str, Any]) -> None:
     if distributed.is_main():
         atomic.write_json(stage_dir / RESULT, result)
@@ -88,8 +117,11 @@ def run_search(out: Path, data: data_lib.ImageData, preset: Preset, *, seed: int
     """REINFORCE topology search (search.topology.reinforce) on ``preset.kappa_batch`` images."""
     done = _finished(out, "search")
     if done is not None:
+        log.info("search: finished before (%s): %s", out / RESULT, done["genotype"])
         return done
     t0 = time.perf_counter()
+    _stage_start("search", f"{preset.search_steps} REINFORCE steps, {preset.repeats} initialisation(s) per "
+                           f"indicator, {preset.kappa_batch} images")
     res = reinforce(steps=preset.search_steps, seed=seed, images=kappa_images(data, preset.kappa_batch, seed),
                     repeats=preset.repeats, run_dir=out, progress=progress,
                     eval_kwargs={"num_classes": data.num_classes})
@@ -97,6 +129,7 @@ def run_search(out: Path, data: data_lib.ImageData, preset: Preset, *, seed: int
               "history": [{k: r.get(k) for k in _HISTORY_KEYS} for r in res.history],
               "probabilities": res.probabilities}
     _write_result(out, result)
+    _stage_end("search", result["seconds"], f"genotype {result['genotype']} (the policy's argmax)")
     return result
 
 
@@ -105,8 +138,12 @@ def run_scale(out: Path, data: data_lib.ImageData, preset: Preset, seed_genotype
     """Greedy scaling (search.scaling.grow) of the searched topology into a family."""
     done = _finished(out, "scale")
     if done is not None:
+        log.info("scaling: finished before (%s): %d architectures", out / RESULT, len(done["family"]))
         return done
     t0 = time.perf_counter()
+    _stage_start("scaling", f"grow {seed_genotype} until {preset.param_limit[0] / 1e6:.3g}M parameters (drop "
+                            f"candidates above {preset.param_limit[1] / 1e6:.3g}M), {preset.repeats} "
+                            f"initialisation(s) per indicator")
     res = grow(seed_genotype, param_limit=preset.param_limit, images=kappa_images(data, preset.kappa_batch, seed),
                hidden=preset.scale_hidden, repeats=preset.repeats, seed=seed, num_classes=data.num_classes,
                img_size=data.image_size, run_dir=out, progress=progress)
@@ -115,6 +152,9 @@ def run_scale(out: Path, data: data_lib.ImageData, preset: Preset, seed_genotype
                          f"the parameter limit {preset.param_limit[1]:.3g} (raise --param-limit)")
     result = {"family": res.family, "stop_reason": res.stop_reason, "seconds": time.perf_counter() - t0}
     _write_result(out, result)
+    last = res.family[-1]
+    _stage_end("scaling", result["seconds"], f"{len(res.family)} architectures ({res.stop_reason}), the largest "
+                                             f"{last['genotype']} with {last['params'] / 1e6:.2f}M parameters")
     return result
 
 
@@ -151,13 +191,17 @@ def train_config(preset: Preset, *, seed: int = 0, **overrides: Any) -> TrainCon
     return TrainConfig(**fields)
 
 
+_METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "val_acc_ema", "lr", "seconds", "images_per_s", "stage")
+
+
 def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainConfig, retokenize: str, *,
-              resume: bool = True) -> dict[str, Any]:
+              resume: bool = True, on_epoch: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
     """Train ``genotype`` with progressive re-tokenization; returns the report's "train" section.
     ``status`` is "finished", or "interrupted" (SIGTERM or SIGINT, named by ``signal``: checkpointed,
-    rerun to continue)."""
+    rerun to continue). ``on_epoch(section)``: after every epoch (rank 0), the section so far."""
     done = _finished(out, "train")
     if done is not None and resume:
+        log.info("train: finished before (%s): top-1 %.2f%%", out / RESULT, done["final_acc"])
         return done
     t0 = time.perf_counter()
     model = build_asvit(genotype, data, config.seed)
@@ -166,16 +210,34 @@ def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainC
     params = count_params(model)
     with torch.random.fork_rng(devices=[]):  # count_flops draws a random image: keep the training RNG as it is
         flops = count_flops(model, data.image_size)
-    summary = Trainer(model, data, config, strategy=strategy, run_dir=out).fit(resume=resume)
-    result = {"genotype": genotype, "params": params, "flops": flops, "epochs": config.epochs,
-              "status": summary["status"], "signal": summary.get("signal"), "seconds": time.perf_counter() - t0,
-              "schedule": "retokenize: " + strategy.schedule_text(config.epochs),
-              "final_acc": summary["final_acc"], "final_acc_ema": summary["final_acc_ema"],
-              "best_acc": summary["best_acc"], "chance_acc": 100.0 / data.num_classes,
-              "metrics": [{k: r.get(k) for k in ("epoch", "train_loss", "val_loss", "val_acc", "val_acc_ema", "lr",
-                                                 "seconds", "images_per_s", "stage")} for r in summary["epochs"]]}
+    _stage_start("train", f"{genotype} ({params / 1e6:.2f}M parameters, {flops / 1e6:.1f}M MACs), "
+                          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g}, re-tokenization: "
+                          f"{strategy.schedule_text(config.epochs)}")
+    section = {"genotype": genotype, "params": params, "flops": flops, "epochs": config.epochs,
+               "schedule": "retokenize: " + strategy.schedule_text(config.epochs),
+               "ema_decays": list(config.ema_decays), "chance_acc": 100.0 / data.num_classes}
+
+    def epoch_done(records: list) -> None:
+        if on_epoch is not None:
+            last = records[-1]
+            on_epoch({**section, "status": "running", "seconds": time.perf_counter() - t0,
+                      "final_acc": last.get("val_acc"), "final_acc_ema": last.get("val_acc_ema"),
+                      "best_acc": max(r["val_acc"] for r in records),
+                      "metrics": [{k: r.get(k) for k in _METRIC_KEYS} for r in records]})
+
+    summary = Trainer(model, data, config, strategy=strategy, run_dir=out).fit(resume=resume, on_epoch=epoch_done)
+    result = {**section, "status": summary["status"], "signal": summary.get("signal"),
+              "seconds": time.perf_counter() - t0, "final_acc": summary["final_acc"],
+              "final_acc_ema": summary["final_acc_ema"], "best_acc": summary["best_acc"],
+              "metrics": [{k: r.get(k) for k in _METRIC_KEYS} for r in summary["epochs"]]}
     if summary["status"] == "finished":
         _write_result(out, result)
+        ema = "" if result["final_acc_ema"] is None else f", EMA {result['final_acc_ema']:.2f}%"
+        _stage_end("train", result["seconds"], f"top-1 {result['final_acc']:.2f}%{ema} "
+                                               f"(best {result['best_acc']:.2f}%, chance {result['chance_acc']:.1f}%)")
+    else:
+        log.info("train: %s by %s after epoch %d: rerun the same command to continue", summary["status"],
+                 summary.get("signal") or "the epoch limit of this call", summary["epoch"])
     return result
 
 
@@ -219,6 +281,21 @@ class _StageClock:
             self.state["seconds"][stage] = self.calls[stage]
         self.save()
         return {**result, "seconds": self.calls[stage]}
+
+
+def train_estimate(seconds_this_call: float, epochs_this_call: int, epochs_done: int, epochs: int,
+                   finished: Mapping[str, float], earlier_calls: float = 0.0) -> dict:
+    """The pipeline's time estimate once training has run epochs: the finished stages' measured
+    seconds, plus training = what earlier calls spent + this call's wall-clock so far + the epochs
+    left at this call's mean seconds per epoch (training and evaluation). Written into
+    ``pipeline.json`` as ``estimate`` after every epoch."""
+    per_epoch = seconds_this_call / epochs_this_call if epochs_this_call else 0.0
+    left = max(0, epochs - epochs_done) * per_epoch
+    train = earlier_calls + seconds_this_call + left
+    stages = {k: float(v) for k, v in finished.items() if k != "train"}
+    stages["train"] = train
+    return {"total_seconds": sum(stages.values()), "remaining_seconds": left, "stages": stages,
+            "epochs_measured": epochs_this_call, "seconds_per_epoch": per_epoch, "at": time.time()}
 
 
 def _load_state(state_path: Path, settings: Mapping[str, Any]) -> dict:
@@ -267,11 +344,24 @@ def run_pipeline(run_dir: Union[str, Path], preset: Preset, *, data_path: Option
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     clock = _StageClock(state, save)
+    results = {"title": f"asvit pipeline: {preset.name} preset on {data.name}", "preset": preset.name,
+               "command": command, "machine": machine_text(distributed.device()),
+               "data": {"name": data.name, "num_classes": data.num_classes, "train": len(data.train),
+                        "val": len(data.val), "image_size": data.image_size}}
+
+    def report(**sections: Any) -> None:
+        """report.md and plots from what is done so far (rank 0; each file atomically)."""
+        results.update(sections, stages=dict(state["seconds"]))
+        if distributed.is_main():
+            write_report(run_dir, results)
+
     search = clock.run("search", run_dir / "search",
                        lambda: run_search(run_dir / "search", data, preset, seed=seed, progress=progress))
+    report(search=search)
     scale = clock.run("scale", run_dir / "scale",
                       lambda: run_scale(run_dir / "scale", data, preset, search["genotype"], seed=seed,
                                         progress=progress))
+    report(scaling=scale)
     try:
         chosen = choose_member(scale["family"], preset.member)
     except ValueError as e:
@@ -279,15 +369,26 @@ def run_pipeline(run_dir: Union[str, Path], preset: Preset, *, data_path: Option
                          f"valid --member") from None
     genotype = scale["family"][chosen]["genotype"]
     _check_member(state, state_path, genotype, preset.member)
+    report(scaling={**scale, "chosen": chosen})
+    epochs_this_call = []
+
+    def epoch_done(section: dict) -> None:
+        epochs_this_call.append(len(section["metrics"]))
+        estimate = train_estimate(section["seconds"], len(epochs_this_call), len(section["metrics"]), config.epochs,
+                                  dict(state["seconds"]), clock.calls.get("train", 0.0))  # + earlier calls
+        state["estimate"] = estimate
+        save()
+        if len(epochs_this_call) == 1:
+            log.info("pipeline: estimated total %s (search %s + scaling %s measured, training %s estimated from %d "
+                     "epoch(s)); %s left", format_duration(estimate["total_seconds"]),
+                     format_duration(estimate["stages"].get("search")),
+                     format_duration(estimate["stages"].get("scale")), format_duration(estimate["stages"]["train"]),
+                     estimate["epochs_measured"], format_duration(estimate["remaining_seconds"]))
+        report(train=section)
+
     train = clock.run("train", run_dir / "train",
-                      lambda: run_train(run_dir / "train", data, genotype, config, preset.retokenize))
-    results = {"title": f"asvit pipeline: {preset.name} preset on {data.name}", "preset": preset.name,
-               "command": command, "machine": machine_text(distributed.device()),
-               "data": {"name": data.name, "num_classes": data.num_classes, "train": len(data.train),
-                        "val": len(data.val), "image_size": data.image_size},
-               "search": search, "scaling": {**scale, "chosen": chosen}, "train": train,
-               "stages": dict(state["seconds"])}
-    if distributed.is_main() and train["status"] == "finished":
-        write_report(run_dir, results)
+                      lambda: run_train(run_dir / "train", data, genotype, config, preset.retokenize,
+                                        on_epoch=epoch_done))
+    report(train=train)
     distributed.barrier()
     return results

@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+
+from asvit_kernels.progress import Progress
 
 __all__ = ["init_from_env", "is_initialized", "rank", "world_size", "is_main", "device", "barrier", "shutdown",
            "broadcast_object", "map_candidates", "show_progress", "CandidateError"]
@@ -145,7 +146,7 @@ def map_candidates(fn: Callable[[T], R], items: Sequence[T], *, progress: Option
     items = list(items)
     world, me = world_size(), rank()
     done: dict[int, R] = {}
-    bar = tqdm(total=len(items), desc=desc, disable=not show_progress(progress), leave=False)
+    bar = Progress(total=len(items), desc=desc, progress=progress if is_main() else False, leave=False)
     try:
         for start in range(0, len(items), world):
             index = start + me

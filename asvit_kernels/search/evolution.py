@@ -54,11 +54,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
-
 from asvit_kernels.atomic import PathLike
 from asvit_kernels.models.elastic_vit import ElasticViT
 from asvit_kernels.models.subnet import SubnetConfig, SubnetSpace, sample_subnet, subnet_flops
+from asvit_kernels.progress import Progress
 
 from . import distributed, runstate
 
@@ -396,7 +395,7 @@ class _Evolution:
 def search(supernet: ElasticViT, evaluate_fn: Fitness, flops_range: tuple[float, float], population: int = 50,
            generations: int = 40, *, parents: int = 10, mutate_prob: float = 0.1, max_tries: int = 50,
            p_identity: Optional[float] = None, seed: int = 0, run_dir: Optional[PathLike] = None,
-           map_fn: Optional[Callable[[Callable, list], list]] = None, progress: bool = True) -> SearchResult:
+           map_fn: Optional[Callable[[Callable, list], list]] = None, progress: Optional[bool] = None) -> SearchResult:
     """Evolutionary search over ``supernet``'s sub-networks whose ``supernet.subnet_flops`` lies in
     ``flops_range`` (inclusive; the supernet's img_size, in_chans and num_classes). See the module
     docstring for the algorithm, determinism and resumption.
@@ -417,7 +416,8 @@ def search(supernet: ElasticViT, evaluate_fn: Fitness, flops_range: tuple[float,
         run_dir: where the state is written after every generation and resumed from (None: not saved).
         map_fn: ``map_fn(fn, items) -> list`` evaluating a generation (default:
             ``search.distributed.map_candidates``).
-        progress: show a tqdm bar over generations (rank 0 only).
+        progress: ``asvit_kernels.progress`` over generations and each generation's candidates (a bar
+            on a terminal, a periodic log line otherwise; False: none; rank 0 only).
     """
     if not isinstance(supernet, ElasticViT):
         raise TypeError(f"supernet must be an ElasticViT, got {type(supernet).__name__}")
@@ -443,9 +443,11 @@ def search(supernet: ElasticViT, evaluate_fn: Fitness, flops_range: tuple[float,
     else:
         run.draw_initial()
         run.save(path)
-    map_fn = distributed.map_candidates if map_fn is None else map_fn
-    bar = tqdm(total=generations, initial=min(run.generation, generations), desc="evolution",
-               disable=not (progress and distributed.is_main()))
+    if map_fn is None:
+        def map_fn(fn, items):
+            return distributed.map_candidates(fn, items, progress=progress, desc=f"generation {run.generation}")
+    bar = Progress(total=generations, initial=min(run.generation, generations), desc="evolution",
+                   unit="generation", progress=progress)
     try:
         while run.generation < generations and not run.exhausted:
             if not run.pending:
@@ -458,9 +460,9 @@ def search(supernet: ElasticViT, evaluate_fn: Fitness, flops_range: tuple[float,
             run.evaluate_pending(evaluate_fn, map_fn)
             run.save(path)
             summary = run.summaries[-1]
+            bar.set_postfix(best=f"{summary['best_so_far']:.4g}")
             bar.update(1)
-            bar.set_postfix(best=summary["best_so_far"])
-            logger.info("generation %d: %d evaluated in %.1fs, best %s, best so far %.4g", summary["generation"],
+            logger.debug("generation %d: %d evaluated in %.1fs, best %s, best so far %.4g", summary["generation"],
                         summary["evaluated"], time.perf_counter() - t0, summary["best"], summary["best_so_far"])
     finally:
         bar.close()

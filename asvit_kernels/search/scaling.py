@@ -45,12 +45,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
-
 from asvit_kernels.atomic import PathLike
 from asvit_kernels.models.asvit import AsViT
 from asvit_kernels.models.counting import count_params
 from asvit_kernels.models.genotype import Genotype
+from asvit_kernels.progress import Progress
 
 from . import distributed, runstate
 
@@ -260,7 +259,7 @@ def _grow_step(run: _Scaling, seed_genotype: Genotype, measure: Callable[[Mappin
         runstate.save(run_dir, STATE_NAME, run.state_dict(), run.summary())
 
     measured = distributed.map_candidates(lambda i: measure(cands[i]), todo, progress=progress,
-                                          desc=f"scaling step {run.step}", on_round=checkpoint)
+                                          desc=f"step {run.step} candidates", on_round=checkpoint)
     run.pending.update(dict(zip(todo, measured)))
     for i in alive:
         cands[i].update(run.pending[i])
@@ -275,7 +274,7 @@ def _grow_step(run: _Scaling, seed_genotype: Genotype, measure: Callable[[Mappin
     run.depths, run.hidden, run.pending = tuple(c["depths"]), c["proxy_hidden"], {}
     if c["params"] >= s["param_limit"][0]:
         run.stop_reason = "param_limit"
-    log.info("scaling step %d: %s (%.2fM params, %.2f GMACs, kappa %.4g, L^E %.4g)", arch["step"], arch["genotype"],
+    log.debug("scaling step %d: %s (%.2fM params, %.2f GMACs, kappa %.4g, L^E %.4g)", arch["step"], arch["genotype"],
              arch["params"] / 1e6, arch["flops"] / 1e9, arch["kappa"], arch["length_distortion"])
 
 
@@ -301,7 +300,8 @@ def grow(seed_genotype: Union[str, Genotype], *, width_ratios: Sequence[float] =
             width / proxy width (4). start_depths: starting depths.
         repeats / seed: initialisations per measurement and their seed (the same for every candidate).
         num_classes / img_size: the full model counted against ``param_limit``.
-        progress: tqdm bars (None: when stderr is a terminal; rank 0 only).
+        progress: ``asvit_kernels.progress`` over steps and each step's candidates (None: bars on a
+            terminal, a periodic log line otherwise; False: none; rank 0 only).
         max_steps_this_call: stop after this many growth steps (``finished=False``); resume later.
         device: where measurements run (default ``search.distributed.device()``).
         eval_kwargs: extra keyword arguments for ``evaluate_fn``.
@@ -322,16 +322,16 @@ def grow(seed_genotype: Union[str, Genotype], *, width_ratios: Sequence[float] =
     measure = lambda cand: _measure_one(evaluate_fn, images, settings, eval_kwargs, cand)  # noqa: E731
     if max_steps_this_call is not None and max_steps_this_call < 0:
         raise ValueError(f"max_steps_this_call must be >= 0, got {max_steps_this_call}")
-    bar = tqdm(desc="scaling", initial=run.step, disable=not distributed.show_progress(progress))
+    bar = Progress(desc="scaling", unit="step", initial=run.step, progress=progress)
     try:
         new_steps = 0
         while not run.stop_reason and (max_steps_this_call is None or new_steps < max_steps_this_call):
             _grow_step(run, seed_genotype, measure, run_dir, progress)
             runstate.save(run_dir, STATE_NAME, run.state_dict(), run.summary())
             new_steps += 1
-            bar.update(1)
             if run.family:
                 bar.set_postfix(params=f"{run.family[-1]['params'] / 1e6:.1f}M")
+            bar.update(1)
     finally:
         bar.close()
     return ScalingResult(list(run.family), list(run.history), bool(run.stop_reason), run.stop_reason)

@@ -63,9 +63,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from asvit_kernels.atomic import PathLike
+from asvit_kernels.progress import Progress
 from asvit_kernels.models.genotype import DEFAULT_DEPTHS, DEFAULT_HIDDEN, DIMENSIONS, SPACE, Genotype
 
 from . import distributed, runstate
@@ -377,7 +376,8 @@ def reinforce(space: Mapping[str, Sequence[int]] = SPACE, steps: int = 500, lr: 
             ``search.indicators.evaluate``). repeats: initialisations per architecture.
         embed_dim / depths: the proxy's stage-1 width and depths (32, [1, 1, 1, 1]).
         run_dir: checkpoint directory; an existing state there is resumed.
-        progress: tqdm bar (None: when stderr is a terminal; rank 0 only).
+        progress: ``asvit_kernels.progress`` (None: a bar on a terminal, a periodic log line otherwise;
+            False: none; rank 0 only).
         max_steps_this_call: stop after this many new steps (``finished=False``); resume later.
         cache: reuse the measurement of a genotype sampled before.
         split_repeats: spread the repeats over the ranks (default: when there are several).
@@ -410,19 +410,18 @@ def _loop(run: _Reinforce, measure, steps: int, run_dir, progress, max_steps_thi
     if max_steps_this_call is not None and max_steps_this_call < 0:
         raise ValueError(f"max_steps_this_call must be >= 0, got {max_steps_this_call}")
     end = steps if max_steps_this_call is None else min(steps, run.step + max_steps_this_call)
-    bar = tqdm(total=steps, initial=min(run.step, steps), desc="reinforce",
-               disable=not distributed.show_progress(progress))
+    bar = Progress(total=steps, initial=min(run.step, steps), desc="search", unit="step", progress=progress)
     try:
         while run.step < end:
             t0 = time.perf_counter()
             rec = run.run_step(measure)
             runstate.save(run_dir, STATE_NAME, run.state_dict(), run.summary())
-            bar.update(1)
             bar.set_postfix(kappa=f"{rec['kappa']:.3g}", LE=f"{rec['length_distortion']:.3g}",
                             reward=f"{rec['reward']:+.2f}", H=f"{rec['entropy']:.2f}")
+            bar.update(1)
             log.debug("step %d %s kappa %.4g L^E %.4g reward %+.3f (%.2fs)", rec["step"], rec["genotype"],
                       rec["kappa"], rec["length_distortion"], rec["reward"], time.perf_counter() - t0)
     finally:
         bar.close()
     if run.step >= steps:
-        log.info("reinforce finished %d steps: argmax %s", run.step, run.summary()["argmax"])
+        log.debug("reinforce finished %d steps: argmax %s", run.step, run.summary()["argmax"])

@@ -43,15 +43,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from asvit_kernels import atomic
+from asvit_kernels.progress import Progress
 from asvit_kernels.search import distributed
 
 from . import checkpoint as ckpt
@@ -290,11 +289,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, *, resume: bool = True, max_epochs_this_call: Optional[int] = None) -> dict[str, Any]:
+    def fit(self, *, resume: bool = True, max_epochs_this_call: Optional[int] = None,
+            on_epoch: Optional[Callable[[list], None]] = None) -> dict[str, Any]:
         """Train to ``config.epochs`` (or ``max_epochs_this_call`` more epochs). Returns a summary:
         status ("finished" | "interrupted" | "paused"), signal (the stopping signal's name, e.g.
         "SIGINT", when this process received it), epoch, step, final and best top-1 (%) of
-        the model and the slowest EMA, seconds, and the per-epoch records."""
+        the model and the slowest EMA, seconds, and the per-epoch records. ``on_epoch(records)``
+        is called on rank 0 after each epoch's checkpoint with every epoch record so far (e.g. to
+        rewrite a report as the run goes)."""
         cfg = self.config
         resumed = False
         if self.run_dir is not None:
@@ -312,11 +314,18 @@ class Trainer:
         self.strategy.on_train_start(self, resumed=resumed)
         end = cfg.epochs if max_epochs_this_call is None else min(cfg.epochs, self.epoch + max_epochs_this_call)
         status, t_start = "finished", time.perf_counter()
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, Progress(total=cfg.epochs, initial=self.epoch, desc="train", unit="epoch",
+                                           progress=cfg.progress) as epochs:
             while self.epoch < end:
                 if not self._train_epoch(stop):
                     status = "interrupted"
                     break
+                last = next(r for r in reversed(self.history) if r.get("kind") == "epoch")
+                epochs.set_postfix(val=f"{last['val_acc']:.2f}%", **(
+                    {} if last["val_acc_ema"] is None else {"ema": f"{last['val_acc_ema']:.2f}%"}))
+                epochs.update(1)
+                if on_epoch is not None and distributed.is_main():
+                    on_epoch([r for r in self.history if r.get("kind") == "epoch"])
         if status == "finished" and self.epoch < cfg.epochs:
             status = "paused"
         if status == "finished" and self.run_dir is not None and distributed.is_main():
@@ -346,8 +355,8 @@ class Trainer:
         it = data_lib.batches(self.data.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                               rank=self.rank, world=self.world, drop_last=True, skip=start,
                               num_workers=cfg.num_workers)
-        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not distributed.show_progress(cfg.progress), leave=False)
+        bar = Progress(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                       progress=cfg.progress, leave=False)
         t0, images_seen = time.perf_counter(), 0
         if start == 0:
             self._epoch_loss, self._epoch_n = 0.0, 0
@@ -400,7 +409,7 @@ class Trainer:
                                      f"{latest_text(self.run_dir)}")
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.log(record)
-        log.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%% (EMA %s), %.0f img/s", epoch + 1, cfg.epochs,
+        log.debug("epoch %d/%d: train loss %.4f, val top-1 %.2f%% (EMA %s), %.0f img/s", epoch + 1, cfg.epochs,
                  record["train_loss"], record["val_acc"],
                  "-" if record["val_acc_ema"] is None else f"{record['val_acc_ema']:.2f}%", record["images_per_s"])
         self._save()
