@@ -61,12 +61,33 @@ def test_console_script_help():
     assert r.returncode == 0 and "--preset" in r.stdout and "--data" in r.stdout
 
 
-def test_quick_pipeline_cut_down_writes_report_and_resumes(tmp_path, capsys, one_thread):
+def test_quick_pipeline_cut_down_writes_report_and_resumes(tmp_path, capsys, one_thread, monkeypatch):
+    from asvit_kernels.pipeline import run as pipeline_run
     out = tmp_path / "run"
     argv = ["pipeline", "--out", str(out), "--search-steps", "4", "--repeats", "1", "--epochs", "2",
             "--param-limit", "2.5e6", "3.5e6", "--quiet"]
+    written = []  # the report as the run goes: after each stage and each epoch
+
+    real = pipeline_run.write_report
+
+    def write_report(run_dir, results):
+        path = real(run_dir, results)
+        train = results.get("train") or {}
+        written.append((sorted(k for k in ("search", "scaling", "train") if results.get(k)),
+                        train.get("status"), len(train.get("metrics") or []), path.read_text()))
+        return path
+    monkeypatch.setattr(pipeline_run, "write_report", write_report)
     code, stdout, err = run(argv, capsys)
     assert code == 0, err
+    both, all3 = ["scaling", "search"], ["scaling", "search", "train"]
+    assert [w[:3] for w in written] == [(["search"], None, 0), (both, None, 0), (both, None, 0), (all3, "running", 1),
+                                        (all3, "running", 2), (all3, "finished", 2)]
+    assert "Status: running after 1 of 2 epochs" in written[3][3] and "## Scaled family" in written[1][3]
+    state = json.loads((out / "pipeline.json").read_text())
+    est = state["estimate"]  # rewritten after every epoch: the last one has nothing left
+    assert est["epochs_measured"] == 2 and est["remaining_seconds"] == 0 and set(est["stages"]) == {"search", "scale",
+                                                                                                 "train"}
+    assert abs(est["total_seconds"] - sum(est["stages"].values())) < 1e-6 and est["stages"]["train"] > 0
     report = (out / "report.md").read_text()
     assert "## Scaled family" in report and "## Training" in report
     for name in ("search", "family", "training"):

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from asvit_kernels.pipeline.report import format_seconds, write_report
+from asvit_kernels.pipeline.run import train_estimate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GENO = "3,2,4|5,1,2|7,4,4|3,2,2|4"
@@ -87,6 +88,29 @@ def test_full_report(tmp_path):
     assert "retokenize: [0, 0.5) stride 16 dil 5" in _section(text, "Training")
 
 
+def test_the_report_says_what_the_ema_does_at_a_switch(tmp_path):
+    r = _results()
+    r["train"]["ema_decays"] = [0.99]
+    text = _norm(write_report(tmp_path, r).read_text())
+    note = _section(text, "Training").split("EMA at a switch", 1)[1]
+    assert "kept, not restarted" in note and "1/(1 - 0.99) = 100 steps" in note
+    # two switches (retokenize -> base at epoch 3, base -> progressive at epoch 5), with the measured top-1s
+    assert "epoch 2 -> 3 (base): EMA 57.00 % -> 66.50 %, model 58.00 % -> 67.00 %" in note
+    assert "epoch 4 -> 5 (progressive)" in note
+    no_ema = _results()
+    for m in no_ema["train"]["metrics"]:
+        m["val_acc_ema"] = None
+    assert "EMA at a switch" not in write_report(tmp_path / "b", no_ema).read_text()
+
+
+def test_a_running_training_says_so(tmp_path):
+    r = _results()
+    r["train"]["status"] = "running"
+    r["train"]["metrics"] = r["train"]["metrics"][:2]
+    text = _section(write_report(tmp_path, r).read_text(), "Training")
+    assert "Status: running after 2 of 6 epochs (this report is rewritten after every epoch)" in text
+
+
 def test_inf_and_nan_kappa(tmp_path):
     text = write_report(tmp_path, _results(math.inf)).read_text()
     assert "| inf |" in _norm(_section(text, "Scaled family"))
@@ -137,3 +161,11 @@ def test_atomic_no_leftovers(tmp_path):
 ])
 def test_format_seconds(s, expected):
     assert format_seconds(s) == expected
+
+
+def test_train_estimate_scales_the_measured_epochs():
+    # 2 epochs of 20 done in 30 s this call, after an earlier call that spent 100 s in training
+    est = train_estimate(30.0, 2, 5, 20, {"search": 40.0, "scale": 60.0}, earlier_calls=100.0)
+    assert est["seconds_per_epoch"] == 15.0 and est["remaining_seconds"] == 15 * 15.0
+    assert est["stages"] == {"search": 40.0, "scale": 60.0, "train": 100.0 + 30.0 + 225.0}
+    assert est["total_seconds"] == 40 + 60 + 355 and est["epochs_measured"] == 2

@@ -360,7 +360,13 @@ def _training_section(r: Mapping, plot: str | None) -> list[str]:
     out += [f"- Genotype: `{t.get('genotype', '?')}`",
             f"- Epochs: {t.get('epochs', len(metrics))}, time: "
             f"{format_seconds(t['seconds']) if t.get('seconds') is not None else '-'}",
-            f"- Schedule: {t.get('schedule') or '-'}", ""]
+            f"- Schedule: {t.get('schedule') or '-'}"]
+    status = t.get("status")
+    if status and status != "finished":
+        out.append(f"- Status: {status} after {len(metrics)} of {t.get('epochs', '?')} epochs "
+                   + ("(this report is rewritten after every epoch)" if status == "running"
+                      else "(rerun the same command to continue)"))
+    out.append("")
     if not metrics:
         return out + ["No per-epoch metrics recorded; no plot.", ""]
     rows = [[_fmt(m.get("epoch"), ".0f"), m.get("stage") or "-", _fmt(m.get("lr"), ".3g"),
@@ -369,7 +375,26 @@ def _training_section(r: Mapping, plot: str | None) -> list[str]:
             for m in metrics]
     header = ["epoch", "stage", "lr", "train loss", "val loss", "val top-1", "EMA top-1", "images/s", "seconds"]
     out += [_table(header, rows, right=(0, 2, 3, 4, 5, 6, 7, 8)), ""]
-    return out + ([f"![training]({plot})", ""] if plot else [])
+    out += ([f"![training]({plot})", ""] if plot else []) + _ema_at_switches(t, metrics)
+    return out
+
+
+def _ema_at_switches(t: Mapping, metrics: Sequence[Mapping]) -> list[str]:
+    """What the EMA copy does at a re-tokenization / growth switch, with the measured effect."""
+    switches = [i for i in range(1, len(metrics)) if metrics[i].get("stage") != metrics[i - 1].get("stage")]
+    if not switches or not any(m.get("val_acc_ema") is not None for m in metrics):
+        return []
+    decays = t.get("ema_decays") or []
+    slow = max(decays) if decays else None
+    horizon = f", about 1/(1 - {slow:g}) = {1 / (1 - slow):,.0f} steps" if slow is not None and slow < 1 else ""
+    changes = "; ".join(f"epoch {_fmt(metrics[i - 1].get('epoch'), '.0f')} -> {_fmt(metrics[i].get('epoch'), '.0f')}"
+                        f" ({metrics[i].get('stage') or '-'}): EMA {_pct(metrics[i - 1].get('val_acc_ema'))} -> "
+                        f"{_pct(metrics[i].get('val_acc_ema'))}, model {_pct(metrics[i - 1].get('val_acc'))} -> "
+                        f"{_pct(metrics[i].get('val_acc'))}" for i in switches)
+    return ["EMA at a switch (dotted lines in the plot): the EMA copy is kept, not restarted - it switches its "
+            "tokenization with the model and goes on averaging, so right after a switch it still holds weights "
+            f"trained under the previous tokenization (its memory{horizon}) and its top-1 can drop until they "
+            f"are averaged out. Measured here: {changes}.", ""]
 
 
 # ----------------------------------------------------------------------------- entry point
