@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="family member to train: largest | smallest | index (checked against the family "
                         "once scaling has found it; changing it later keeps the search and scaling results)")
     p.add_argument("--retokenize", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (stages, steps, epochs) and its time estimated from a few timed steps, "
+                        "then exit without writing anything")
     _add_train_options(p, defaults_from_preset=True)
     _add_common(p)
 
@@ -239,7 +242,7 @@ def _exit_status(train_summary: Mapping[str, Any]) -> int:
 def _run_dir_lock(args: argparse.Namespace) -> Iterator[None]:
     """Hold ``--out``'s lock for the command (rank 0 only: RANK is set by torchrun)."""
     out = getattr(args, "out", None)
-    if out is None or os.environ.get("RANK", "0") != "0":
+    if out is None or os.environ.get("RANK", "0") != "0" or getattr(args, "dry_run", False):  # dry run: no files
         yield
         return
     from asvit_kernels import runlock
@@ -373,6 +376,13 @@ def cmd_train(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from asvit_kernels.pipeline import run
+    if args.dry_run:
+        from asvit_kernels.pipeline.plan import plan_pipeline, plan_text
+        from asvit_kernels.train.data import open_dataset
+        preset = _preset(args)
+        config = run.train_config(preset, seed=args.seed, **_train_overrides(args))
+        print(plan_text(plan_pipeline(preset, open_dataset(args.data, seed=args.seed), config, seed=args.seed)))
+        return 0
     from asvit_kernels.search import distributed
     distributed.init_from_env()
     try:
@@ -423,8 +433,8 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
     if args.log_file is not None:
         path = Path(args.log_file) if args.log_file != AUTO_LOG else None
         if path is None:
-            if getattr(args, "out", None) is None:
-                raise UsageError(f"asvit {args.command}: --log-file needs a PATH (this command has no --out)")
+            if getattr(args, "out", None) is None or getattr(args, "dry_run", False):
+                raise UsageError(f"asvit {args.command}: --log-file needs a PATH here (no run directory is written)")
             path = args.out / LOG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(path, encoding="utf-8")

@@ -104,3 +104,17 @@ def test_quick_pipeline_cut_down_writes_report_and_resumes(tmp_path, capsys, one
     # Other settings in the same run directory are refused.
     code, _, err = run(argv[:-1] + ["--lr", "0.5", "--quiet"], capsys)
     assert code == 2 and "other settings" in err
+
+
+def test_pipeline_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    code, stdout, err = run(["pipeline", "--out", str(out), "--dry-run", "--search-steps", "7", "--repeats", "1",
+                             "--epochs", "3", "--param-limit", "2.5e6", "3.5e6", "--quiet"], capsys)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("plan: quick preset on digits (nothing written")
+    assert "7 REINFORCE steps x 1 initialisation(s)" in lines[1] and "growth steps" in lines[2]
+    assert "3 epochs x 22 steps (batch 64)" in lines[3] and lines[4].startswith("  total:   ~")
+    assert not out.exists()
+    code, _, err = run(["pipeline", "--out", str(out), "--dry-run", "--log-file", "--quiet"], capsys)
+    assert code == 2 and "--log-file needs a PATH" in err and not out.exists()
