@@ -47,6 +47,15 @@ px at depths 3, 4, 5, 6).
     python bench/progressive.py              # CPU, 1 thread, digits 32x32, 15 epochs: ~10 minutes on 2 cores
     python bench/progressive.py --quick      # a smoke run of a few seconds (prints only; --out DIR writes)
     python bench/progressive.py --device cuda --data ~/data/cifar-10-batches-py --img-size 224
+    python bench/progressive.py --rows vit,vit-autoprog,vit-autoprog-search \
+        --keep-from bench/results/progressive_cpu1t.json   # re-measure some rows, keep the others
+
+--keep-from JSON: the rows not named in --rows are copied unchanged (every measured value, epoch
+record and schedule) from that earlier results file, which must have been run with the same
+settings (data, size, epochs, batch size, seed, models); the `measured` column says when each row
+was measured, and the notes which rows were kept. Speed-ups and accuracy differences are then
+computed between rows of possibly different runs (a kept baseline against a re-measured row):
+the `measured` and `load_1m` columns say when and under what load each side ran.
 
 Prints a table and writes bench/results/progressive_<machine>.{json,md,png} (--out: another folder).
 """
@@ -87,7 +96,7 @@ BASELINE = {"asvit": "asvit", "asvit-retokenize": "asvit", "vit": "vit", "vit-au
             "vit-autoprog-search": "vit"}
 COLUMNS = ["row", "model", "schedule", "params", "fwd_mmacs", "macs_ratio", "train_s", "total_s", "img_per_s",
            "speedup", "speedup_total", "train_cpu_s", "speedup_cpu", "final_acc", "final_acc_ema", "best_acc", "d_acc",
-           "d_acc_ema", "load_1m"]
+           "d_acc_ema", "load_1m", "measured"]
 QUICK = dict(epochs=4, batch_size=32, train_images=256, val_images=128, vit_embed=48, vit_depth=4, vit_heads=3)
 
 
@@ -231,6 +240,7 @@ def run_row(key: str, data: data_lib.ImageData, config: TrainConfig, args) -> di
     record_cpu_time(strategy)
     params = count_params(model)
     load_before = load()
+    measured = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0, c0 = time.perf_counter(), time.process_time()
     trainer = Trainer(model, data, config, strategy=strategy, run_dir=None, device=args.device)
     summary = trainer.fit()
@@ -255,6 +265,7 @@ def run_row(key: str, data: data_lib.ImageData, config: TrainConfig, args) -> di
            "img_per_s": images / train_s,
            "final_acc": summary["final_acc"], "final_acc_ema": summary["final_acc_ema"],
            "best_acc": summary["best_acc"], "load_1m": f"{load_before:.2f} -> {load_after:.2f}",
+           "measured": measured,
            "loadavg_before": load_before, "loadavg_after": load_after, "schedule_detail": schedule,
            "training_images": round(images), "epoch_records": epochs,
            "events": [r for r in trainer.history if r.get("kind") != "epoch"]}
@@ -297,6 +308,32 @@ def compare(rows: list[dict]) -> None:
         r["d_acc"] = r["final_acc"] - base["final_acc"]
         r["d_acc_ema"] = (None if r["final_acc_ema"] is None or base["final_acc_ema"] is None
                           else r["final_acc_ema"] - base["final_acc_ema"])
+
+
+# Settings that must agree between a --keep-from file and this run for its rows to be comparable.
+SAME_SETTINGS = ("data", "img_size", "epochs", "batch_size", "seed", "lr", "ema_decay", "genotype", "retokenize",
+                 "vit_embed", "vit_depth", "vit_heads", "patch", "stages", "search_epochs", "size_multiple", "quick")
+
+
+def kept_rows(path: str, keys: list[str], args) -> tuple[list[dict], dict]:
+    """The rows of ``path`` (an earlier results JSON) not in ``keys``, unchanged but for a `measured`
+    date when the old file has none; and that file's machine record. Refuses differing settings."""
+    old = json.loads(Path(path).read_text())
+    settings = old["settings"]
+    differ = [f"{k}: {settings.get(k)!r} there, {getattr(args, k)!r} here" for k in SAME_SETTINGS
+              if settings.get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--keep-from {path}: settings differ ({'; '.join(differ)})")
+    rows = []
+    for r in old["rows"]:
+        if r["row"] in keys:
+            continue
+        r = {k: v for k, v in r.items() if k not in ("baseline", "macs_ratio", "speedup", "speedup_total",
+                                                     "speedup_cpu", "d_acc", "d_acc_ema")}
+        r.setdefault("measured", old["machine"]["date"])
+        r["kept_from"] = str(path)
+        rows.append(r)
+    return rows, old["machine"]
 
 
 # ------------------------------------------------------------------------------------ output
@@ -350,7 +387,11 @@ def details(rows: list[dict], info: dict, data: data_lib.ImageData, args) -> lis
         lines += [
             f"- Measured on a CPU with {info['threads']} torch thread(s) ({info['cpu_count']} cores, shared with "
             f"other jobs): load average (1 min) {info['loadavg_before'][0]} before the run and "
-            f"{info['loadavg_after'][0]} after it, per row in `load_1m`. Times are the wall-clock of one run per "
+            f"{info['loadavg_after'][0]} after it, per row in `load_1m`"
+            + (f" (rows kept from {info['kept']['from']} ran on {info['kept']['date']} under their own load, "
+               f"also in `load_1m`: a kept baseline and a re-measured row were timed under different loads)"
+               if info.get("kept") else "")
+            + ". Times are the wall-clock of one run per "
             f"row, not medians of several: other jobs on the machine may have slowed some rows more than others, "
             f"and this run does not measure how much times vary from run to run. train_cpu_s (the process's CPU "
             f"seconds over the same training steps, one thread) does not count time the scheduler gave to other "
@@ -380,7 +421,8 @@ def details(rows: list[dict], info: dict, data: data_lib.ImageData, args) -> lis
         "trains the last stage at the full size and depth, searched or not.",
         "- train_s counts the training steps only; total_s adds the per-epoch evaluation of the model and its EMA "
         "and, for AutoProg, MoGrow growth and the search's candidate scoring. No number here is estimated or "
-        "extrapolated: every time and accuracy was measured in this run, and fwd_mmacs counted.",
+        "extrapolated: every time and accuracy was measured (in this run, or for kept rows in the run the notes "
+        "name), and fwd_mmacs counted.",
     ]
     return lines
 
@@ -405,7 +447,16 @@ def publish(rows: list[dict], info: dict, data: data_lib.ImageData, config: Trai
              f"final_acc / final_acc_ema / best_acc = validation top-1 (%) of the model / EMA after the "
              f"last epoch / best epoch; speedup = baseline train_s / train_s and d_acc = final_acc - baseline "
              f"final_acc (points; baseline: asvit for asvit-retokenize, vit for the AutoProg rows); load_1m = "
-             f"1-minute load average before -> after the row. Total {info['wall_s']:.0f} s wall.")
+             f"1-minute load average before -> after the row; measured = when the row was measured (UTC). "
+             f"Total {info['wall_s']:.0f} s wall.")
+    if info.get("kept"):
+        k = info["kept"]
+        notes += (f" Re-measured in this run ({info['date']}, load average {info['loadavg_before'][0]} before -> "
+                  f"{info['loadavg_after'][0]} after; the total above is this run's): {', '.join(info['rows_run'])}. "
+                  f"Kept unchanged from {k['from']} (measured {k['date']}, load average {k['loadavg_before'][0]} "
+                  f"-> {k['loadavg_after'][0]}): {', '.join(k['rows'])}.")
+    if args.note:
+        notes += " " + args.note
     json_path, md_path = harness.write(NAME, info, markdown_rows(rows), columns(info["device"]), notes)
     json_path.write_text(json.dumps({"machine": info, "settings": {**vars(args), "train_config": cfg},
                                      "rows": rows, "notes": notes}, indent=2, default=str))
@@ -448,6 +499,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="smoke run of a few seconds (small models, 256 training images, 4 epochs); prints only "
                          "unless --out is given")
+    ap.add_argument("--keep-from", default=None, metavar="JSON",
+                    help="an earlier results file: rows not in --rows are copied from it (module doc)")
+    ap.add_argument("--note", default="", help="a sentence appended to the results' notes (e.g. why rows were kept)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -478,10 +532,12 @@ def main(argv=None):
     config = train_config(PRESETS["quick"], seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, ema_decays=(ema,), amp="auto" if gpu else "off", progress=False)
 
+    kept, kept_machine = kept_rows(args.keep_from, keys, args) if args.keep_from else ([], None)
     warm_s = warm_up(keys, data, config, args)
     rows = []
     for key in keys:
         rows.append(run_row(key, data, config, args))
+    rows = sorted(rows + kept, key=lambda r: ROWS.index(r["row"]))
     compare(rows)
     elapsed = time.perf_counter() - start
 
@@ -492,7 +548,11 @@ def main(argv=None):
                 warm_up_s=round(warm_s, 1),
                 command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                 wall_s=round(elapsed, 1), loadavg_before=load_before,
-                loadavg_after=[round(v, 2) for v in os.getloadavg()])
+                loadavg_after=[round(v, 2) for v in os.getloadavg()], rows_run=keys)
+    if kept:
+        info["kept"] = {"from": args.keep_from, "rows": [r["row"] for r in kept], "date": kept_machine["date"],
+                        "loadavg_before": kept_machine["loadavg_before"],
+                        "loadavg_after": kept_machine["loadavg_after"], "command": kept_machine.get("command")}
     print("\n" + harness.table(markdown_rows(rows), columns(info["device"])))
     print(f"total {elapsed:.0f} s")
     if args.no_write or (args.quick and not args.out):
