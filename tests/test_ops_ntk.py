@@ -37,6 +37,38 @@ def test_per_sample_grad_gram_strided_inputs(device, backend):
                    reference.per_sample_grad_gram(a.double(), g.double())) <= TOL[torch.float32]
 
 
+def test_triton_gram_grid_is_one_dimensional_for_large_batches():
+    """B > 4080 once made the y grid (n_blocks^2) exceed 65535: the grid is now 1-D over the
+    upper-triangle block pairs (x allows 2^31 - 1), each symmetric pair once."""
+    pytest.importorskip("triton")
+    from asvit_kernels.triton import per_sample_grad_gram as pg
+
+    cfg = pg.gram_config(torch.float32, 80)
+    for B in (1, 16, 17, 4080, 4081, 5000, 100_000):
+        n_blocks = -(-B // cfg.block_b)
+        n_groups = pg.n_tile_groups(B, 768, 768, cfg, sms=132)
+        grid = pg.grid(B, n_groups, cfg)
+        assert len(grid) == 1 and grid[0] <= 2**31 - 1
+        assert grid[0] == n_blocks * (n_blocks + 1) // 2 * n_groups  # pairs bi <= bj only
+    assert pg.n_tile_groups(5000, 768, 768, cfg, sms=132) == 1
+
+
+@pytest.mark.parametrize("device,backend", [c for c in cases("per_sample_grad_gram") if "triton" in c.id])
+def test_triton_gram_mirrors_symmetric_blocks(device, backend):
+    """Several block pairs, several tile groups: every block matches the reference and the mirrored
+    (off-diagonal) blocks are bit-for-bit the transpose of the computed ones."""
+    g0 = torch.Generator().manual_seed(7)
+    for B, T, D_in, D_out in ((53, 2, 5, 3), (33, 1, 40, 20)):
+        a = torch.randn(B, T, D_in, generator=g0)
+        g = torch.randn(B, T, D_out, generator=g0)
+        got = ak.per_sample_grad_gram(a.to(device), g.to(device), backend=backend).cpu()
+        assert rel_err(got, reference.per_sample_grad_gram(a.double(), g.double())) <= TOL[torch.float32]
+        off = torch.ones(B, B, dtype=torch.bool)
+        for b0 in range(0, B, 16):
+            off[b0:b0 + 16, b0:b0 + 16] = False
+        assert torch.equal(got[off], got.t()[off])
+
+
 def test_per_sample_grad_gram_rejects():
     a = torch.randn(4, 3, 5)
     with pytest.raises(ValueError, match="share"):
