@@ -69,3 +69,49 @@ def test_mixed_dtypes_outside_autocast_still_refused():
     x, W, b = _inputs("cpu")
     with pytest.raises(TypeError, match="weight"):
         ak.elastic_linear(x.detach().bfloat16(), W, b, (0, 24), (0, 16))
+
+
+@pytest.mark.parametrize("device,backend,dtype", CPU + GPU)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_casts_like_sdpa(device, backend, dtype, causal):
+    g = torch.Generator().manual_seed(2)
+    lens = [5, 13, 1]
+    cu = ak.cu_seqlens_from_lengths(lens).to(device)
+    q, k, v = (torch.randn(sum(lens), 4, 16, generator=g).to(device).requires_grad_() for _ in range(3))
+    with torch.autocast(device, dtype):
+        out = ak.varlen_attention(q, k, v, cu, cu, 13, 13, causal=causal, backend=backend)
+        like = F.scaled_dot_product_attention(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2))
+    assert out.dtype == like.dtype == dtype
+    ref = reference.varlen_attention(q.double(), k.double(), v.double(), cu, cu, causal=causal)
+    assert rel_err(out, ref) <= TOL[dtype]
+    dout = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+    refs = torch.autograd.grad(ref, (q, k, v), dout)
+    for got, want in zip(grads, refs):
+        assert got.dtype == torch.float32 and rel_err(got, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["asvit", "elastic_vit"])
+def test_models_run_under_cpu_autocast(kind):
+    """Every op of the model families is reached by autocast: bf16 logits near the fp32 ones."""
+    from asvit_kernels.models import AsViT, ElasticViT, SubnetSpace
+    torch.manual_seed(0)
+    m = (AsViT.from_genotype("8,2,3|4,1,2|4,1,4|4,1,6|32", num_classes=10, img_size=32) if kind == "asvit"
+         else ElasticViT(SubnetSpace.tiny(), img_size=32, num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    want = m(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = m(x)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) <= 5e-2
+    got.float().sum().backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+               for p in m.parameters())
+
+
+def test_meta_tensors_pass_through():
+    """Shape-only passes (FLOP counting) run the ops on the meta device, where autocast has no type."""
+    x, W = torch.empty(2, 5, 24, device="meta"), torch.empty(40, 32, device="meta")
+    assert ak.elastic_linear(x, W, None, (0, 24), (0, 16)).shape == (2, 5, 16)
+    q = torch.empty(6, 2, 8, device="meta")
+    cu = torch.tensor([0, 6], dtype=torch.int32, device="meta")
+    assert ak.varlen_attention(q, q, q, cu, cu, 6, 6).shape == (6, 2, 8)

@@ -172,7 +172,7 @@ def test_compat_signature_and_unsupported_options():
     assert rel_err(out, reference.varlen_attention(Q.double(), Q.double(), Q.double(), CU, CU, causal=True)) \
         <= TOL[torch.float32]
     for kw in (dict(window_size=(4, 4)), dict(softcap=1.0), dict(alibi_slopes=torch.ones(4)),
-               dict(return_attn_probs=True), dict(block_table=CU)):
+               dict(block_table=CU)):  # return_attn_probs=True is supported (tests/test_compat.py)
         with pytest.raises(NotImplementedError, match=next(iter(kw))):
             flash_attn_varlen_func(Q, Q, Q, CU, CU, 6, 6, **kw)
 

@@ -168,9 +168,6 @@ def test_gated_attention_keeps_its_gate_and_unknown_children_are_refused():
         patch_timm(nn.Sequential(odd))
 
 
-@pytest.mark.xfail(strict=True, reason="bf16 CPU autocast fails inside the torch attention backend "
-                   "(asvit_kernels/torch_backend/attention.py): 'Index put requires the source and "
-                   "destination dtypes match, got Float for the destination and BFloat16 for the source'")
 def test_bf16_cpu_autocast_on_a_patched_model():
     base = _model("vit_tiny_patch16_224")
     patched = patch_timm(copy.deepcopy(base))

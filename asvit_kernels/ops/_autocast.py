@@ -10,6 +10,7 @@ casts are ordinary differentiable ``.to`` calls, so gradients reach the fp32 par
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -19,7 +20,9 @@ _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def enabled(device: torch.device) -> bool:
-    return torch.is_autocast_enabled(device.type)
+    """Whether autocast is on for ``device``'s type (never for "meta": autocast has no such type,
+    and shape-only passes such as FLOP counting run there)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def _to(dtype: torch.dtype, tensors) -> tuple[Optional[Tensor], ...]:
@@ -40,3 +43,16 @@ def layer_norm_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple[Optional[Te
     if x.device.type == "cuda":
         return _to(torch.float32, (x, *params))
     return (x, *_to(x.dtype, params))
+
+
+def off(fn):
+    """Run a custom op's body with autocast off on its first tensor's device: the inputs were cast
+    already, and a kernel body must see exactly the dtypes it allocated its outputs for."""
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        t = next(a for a in args if isinstance(a, Tensor))
+        if not enabled(t.device):
+            return fn(*args, **kwargs)
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return body

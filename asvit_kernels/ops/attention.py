@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from . import _transforms, _validate
+from . import _autocast, _transforms, _validate
 from .packing import pack, unpack
 
 Tensor = torch.Tensor
@@ -37,6 +37,7 @@ def _max_len(cu: Tensor, given: int) -> int:
 
 
 @torch.library.custom_op("asvit::varlen_attention", mutates_args=())
+@_autocast.off
 def _varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                          scale: float, causal: bool, backend: str) -> tuple[Tensor, Tensor]:
     forward, _ = _impl(backend)
@@ -51,6 +52,7 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend):
 
 
 @torch.library.custom_op("asvit::varlen_attention_backward", mutates_args=())
+@_autocast.off
 def _varlen_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
                                   causal: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,6 +148,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _validate.tensor(t, name, ndim=3)
+    q, k, v = _autocast.matmul_inputs(q.device, q, k, v)   # as SDPA under torch.autocast
     _validate.same_device_dtype(q, "q", k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")

@@ -63,6 +63,7 @@ def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
 # ----------------------------------------------------------------------------- elastic_linear
 
 @torch.library.custom_op("asvit::elastic_linear", mutates_args=())
+@_autocast.off
 def _elastic_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_range: list[int],
                        out_ranges: list[int], backend: str) -> Tensor:
     out_r = _pairs(out_ranges)
@@ -77,6 +78,7 @@ def _(x, weight, bias, in_range, out_ranges, backend):
 
 
 @torch.library.custom_op("asvit::elastic_linear_backward", mutates_args=())
+@_autocast.off
 def _elastic_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_range: list[int],
                                 out_ranges: list[int], backend: str, need_dx: bool, need_dw: bool,
                                 need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -155,6 +157,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("asvit::elastic_layer_norm", mutates_args=())
+@_autocast.off
 def _elastic_layer_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset: int, eps: float,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     forward, _ = _layer_norm_impl(backend)
@@ -171,6 +174,7 @@ def _(x, weight, bias, offset, eps, backend):
 
 
 @torch.library.custom_op("asvit::elastic_layer_norm_backward", mutates_args=())
+@_autocast.off
 def _elastic_layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mean: Tensor,
                                     rstd: Tensor, offset: int, backend: str, need_dx: bool,
                                     need_dwb: bool) -> tuple[Tensor, Tensor, Tensor]:
