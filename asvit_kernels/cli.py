@@ -446,12 +446,15 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
     ours.setLevel(min(h.level for h in handlers))  # other loggers keep the root's level (WARNING)
     for h in handlers:
         root.addHandler(h)
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
     if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # other libraries' tqdm bars too, for this command
     progress.set_interval(args.progress_interval)
     try:
         yield
     finally:
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
         progress.set_interval(None)
         for h in handlers:
             root.removeHandler(h)

@@ -3,6 +3,7 @@ DEBUG; INFO one line per stage start and end plus a summary of the NTK's exact p
 / ``-q`` set the level, ``--log-file`` writes the full DEBUG log (into the run directory by
 default); the command removes its handlers when it ends."""
 import logging
+import os
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def fake_info(monkeypatch):
     (["-q", "info"], ["warning-line"], ["detail-line", "stage-line"]),
     (["info", "--quiet"], ["warning-line"], ["detail-line", "stage-line"]),
 ])
-def test_verbose_and_quiet_set_the_level(fake_info, capsys, argv, shown, hidden):
+def test_verbose_and_quiet_set_the_level(fake_info, capsys, monkeypatch, argv, shown, hidden):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     ours = logging.getLogger("asvit_kernels")
     handlers, level = list(logging.getLogger().handlers), ours.level
     assert cli.main(argv) == 0
@@ -40,6 +42,7 @@ def test_verbose_and_quiet_set_the_level(fake_info, capsys, argv, shown, hidden)
     assert all(s in err for s in shown) and not any(h in err for h in hidden), err
     assert "other-info-line" not in err  # other libraries stay at WARNING
     assert logging.getLogger().handlers == handlers and ours.level == level  # nothing left behind
+    assert "TQDM_DISABLE" not in os.environ
 
 
 def test_log_file_gets_debug_even_when_quiet(fake_info, tmp_path, capsys):

@@ -16,6 +16,11 @@ from asvit_kernels.progress import Progress
 SEARCH = ["-m", "asvit_kernels.cli", "search", "--steps", "2", "--repeats", "1"]
 
 
+@pytest.fixture(autouse=True)
+def _no_tqdm_disable(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+
+
 def _env():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("TQDM_DISABLE", progress.INTERVAL_ENV, "COLUMNS", "LINES"):
