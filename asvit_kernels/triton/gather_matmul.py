@@ -9,7 +9,7 @@ the loads affine (vectorizable).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -90,14 +90,47 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _blocks(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning, because
-    token counts vary from call to call and each new shape would re-tune."""
-    if device.type == "cpu":  # interpreter: fewer, larger programs run faster
-        return 64, 64, 64, 4, 1
-    if M >= 128 and N >= 128:
-        return 128, 128, 32, 8, 3
-    return 64, 64, 32, 4, 3
+class MatmulConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int
+
+
+# Max shared memory per block (opt-in) by compute capability, bytes (CUDA programming guide).
+SMEM_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def smem_limit(arch: int) -> int:
+    """Per-block shared memory of compute capability ``arch`` (e.g. 86); unknown newer archs get
+    sm_90's, unknown older ones the smallest."""
+    if arch in SMEM_LIMIT:
+        return SMEM_LIMIT[arch]
+    return SMEM_LIMIT[90] if arch > 90 else SMEM_LIMIT[75]
+
+
+def device_arch(device: torch.device) -> Optional[int]:
+    """Compute capability as an int (80 for sm_80) of a CUDA device; None for the CPU interpreter."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int]) -> MatmulConfig:
+    """Tiles, warps and pipeline stages for an (M, N, K) product of ``dtype`` on compute capability
+    ``arch`` (None: the CPU interpreter). A fixed table, no autotuning, because token counts vary from
+    call to call and each new shape would re-tune. Stages are sized so that the A and B tiles of
+    every stage take at most about 2/3 of the arch's shared memory (the epilogue's layout conversion
+    reuses the same space): tests/test_triton_compile.py compiles each entry for sm_80/86/90."""
+    if arch is None:  # interpreter: fewer, larger programs run faster
+        return MatmulConfig(64, 64, 64, 4, 1, 8)
+    bm, bn, bk, warps = (128, 128, 32, 8) if M >= 128 and N >= 128 else (64, 64, 32, 4)
+    per_stage = (bm + bn) * bk * dtype.itemsize
+    stages = max(2, min(4, (2 * smem_limit(arch) // 3) // per_stage))
+    return MatmulConfig(bm, bn, bk, warps, stages, 8)
 
 
 def gather_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
@@ -116,8 +149,8 @@ def gather_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     N = n if n is not None else (bn_idx.numel() if bn_idx is not None else b.shape[1])
     if M == 0 or N == 0:
         return c
-    BM, BN, BK, warps, stages = _blocks(M, N, K, a.device)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    cfg = matmul_config(M, N, K, a.dtype, device_arch(a.device))
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     dummy = c  # stands in for absent optional pointers; never dereferenced
     _gather_matmul_kernel[grid](
         a, b, bias if bias is not None else dummy, c, rowsum if rowsum is not None else dummy,
@@ -129,6 +162,7 @@ def gather_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
         GATHER_BK=bk_idx is not None, GATHER_BN=bn_idx is not None,
         GATHER_CM=cm_idx is not None, GATHER_CN=cn_idx is not None,
         INPUT_PRECISION=_input_precision(a.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, num_warps=warps, num_stages=stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c

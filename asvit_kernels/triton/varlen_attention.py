@@ -15,11 +15,13 @@ cut at the causal frontier); see ``_dot_seen``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .gather_matmul import _input_precision
+from .gather_matmul import _input_precision, device_arch, smem_limit
 
 @triton.jit
 def _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -66,7 +68,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, CU_Q, CU_K, scale,
                 total_q, D, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_qh exceeds int32 for views of >= 2^31 elements
     hk = h // GROUP
     rows, rmask, ks, k_end, k_lo, k_hi = _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
@@ -105,7 +107,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ_Q, CU_Q, CU_K, scale,
              mask=rmask[:, None] & dmask[None, :])
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)),
                    tl.where(k_end > ks, float("nan"), float("-inf")))
-    tl.store(LSE + h.to(tl.int64) * total_q + r64, lse, mask=rmask)
+    tl.store(LSE + h * total_q + r64, lse, mask=rmask)
 
 
 @triton.jit
@@ -115,7 +117,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, CU_Q, CU_K, scale,
                    total_q, D, GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_qh exceeds int32 for views of >= 2^31 elements
     hk = h // GROUP
     rows, rmask, ks, k_end, k_lo, k_hi = _query_tile(SEQ_Q, CU_Q, CU_K, pid_m, total_q, CAUSAL, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
@@ -125,9 +127,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_Q, CU_Q, CU_K, scale,
     qd_mask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + r64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + r64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=qd_mask, other=0.0)
-    lse = tl.load(LSE + h.to(tl.int64) * total_q + r64, mask=rmask, other=float("-inf"))
+    lse = tl.load(LSE + h * total_q + r64, mask=rmask, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw no key: p = 0
-    delta = tl.load(DELTA + h.to(tl.int64) * total_q + r64, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + h * total_q + r64, mask=rmask, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -154,7 +156,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_K, CU_Q, CU_K, scale,
                      PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    hk = tl.program_id(1).to(tl.int64)  # int64 offsets, as in the forward
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < total_k
     d = tl.arange(0, BLOCK_D)
@@ -185,9 +187,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ_K, CU_Q, CU_K, scale,
             qd_mask = rmask[:, None] & dmask[None, :]
             q = tl.load(Q + r64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qd_mask, other=0.0)
             do = tl.load(DO + r64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=qd_mask, other=0.0)
-            lse = tl.load(LSE + h.to(tl.int64) * total_q + r64, mask=rmask, other=float("inf"))
+            lse = tl.load(LSE + h * total_q + r64, mask=rmask, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(DELTA + h.to(tl.int64) * total_q + r64, mask=rmask, other=0.0)
+            delta = tl.load(DELTA + h * total_q + r64, mask=rmask, other=0.0)
             # Transposed scores: keys along dim 0, queries along dim 1.
             st = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * scale
             allowed = (rows[None, :] >= q_start[:, None]) & (rows[None, :] < qe[:, None]) & cmask[:, None]
@@ -208,16 +210,58 @@ def _seq_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu[1:], rows, right=True, out_int32=True)
 
 
-def _blocks(D: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps); fixed, since token counts change call to call."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if device.type == "cpu":
-        return 32, 32, block_d, 4
-    if block_d <= 64:
-        return 64, 64, block_d, 4
-    if block_d <= 128:
-        return 64, 32, block_d, 4
-    return 32, 32, block_d, 8
+class AttentionConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def _smem_estimate(kernel: str, bm: int, bn: int, bd: int, stages: int, itemsize: int) -> int:
+    """Shared memory of one program, bytes, as Triton 3.x allocates it: the tiles loaded once plus
+    ``stages - 1`` buffers (at least one) of each tile the loop loads, plus the layout-conversion
+    scratch of the score tile (fp32 ieee dots, an FMA loop, also stage a key tile). Calibrated on
+    the compiled kernels; tests/test_triton_compile.py checks the real figure."""
+    buf = max(1, stages - 1)
+    once, loop = {"fwd": (bm, 2 * bn), "dq": (2 * bm, 2 * bn), "dkdv": (2 * bn, 2 * bm)}[kernel]
+    scratch = bm * bn * itemsize + (bn * bd * 4 if itemsize == 4 else 512)
+    return (once + buf * loop) * bd * itemsize + scratch
+
+
+# Preferred first: (BLOCK_M, BLOCK_N, num_warps) per padded head dim.
+# Register pressure, measured on the compiled fp16/bf16 kernels: 64x64 at head dim <= 64 spills
+# (the non-finite branch of _dot_seen holds three more score-sized accumulators), 64x32 does not;
+# at 128 the dk/dv kernel spills with 4 warps and not with 8.
+_TILES = {64: ((64, 32, 4), (32, 32, 4)),
+          128: ((64, 32, 8), (32, 32, 4), (32, 16, 4), (16, 16, 4)),
+          256: ((32, 32, 8), (32, 16, 4), (16, 16, 4))}
+SMEM_MARGIN = 0.85  # use at most this fraction of the arch's shared memory
+
+
+def attention_config(dtype: torch.dtype, head_dim: int, arch: Optional[int], kernel: str = "fwd") -> AttentionConfig:
+    """Tiles, warps and pipeline stages of ``kernel`` ("fwd", "dq" or "dkdv") for ``dtype`` inputs of
+    head dim ``head_dim`` on compute capability ``arch`` (80 for sm_80; None: the CPU interpreter).
+
+    Fixed per (dtype, head dim, arch), since token counts change from call to call. The head dim is
+    padded to a power of two (>= 16) in registers. On a GPU the first of the preferred tiles whose
+    shared memory, with two pipeline stages (three where it fits), stays within ``SMEM_MARGIN`` of
+    the arch's limit; fp32 tiles take twice the bytes of fp16/bf16 ones, so they step down first.
+    tests/test_triton_compile.py compiles every case for sm_80/86/90 and checks the fit."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if arch is None:  # interpreter: tiles small enough to keep numpy temporaries cheap
+        return AttentionConfig(32, 32, block_d, 4, 1)
+    budget = SMEM_MARGIN * smem_limit(arch)
+    item = torch.empty((), dtype=dtype).element_size()
+    tiles = _TILES[max(64, block_d)]
+    for bm, bn, warps in tiles:
+        if arch >= 90 and bm >= 64:
+            warps = 8  # wgmma tiles: 4 warps spill in fp16 at 64 rows; 8 do not
+        for stages in (3, 2):
+            if _smem_estimate(kernel, bm, bn, block_d, stages, item) <= budget:
+                return AttentionConfig(bm, bn, block_d, warps, stages)
+    bm, bn, warps = tiles[-1]
+    return AttentionConfig(bm, bn, block_d, warps, 1)
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool):
@@ -226,12 +270,13 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, ca
     lse = torch.empty(H, total_q, device=q.device, dtype=torch.float32)
     if total_q == 0:
         return out, lse
-    BM, BN, BD, warps = _blocks(D, q.device)
-    _fwd_kernel[(triton.cdiv(total_q, BM), H)](
+    cfg = attention_config(q.dtype, D, device_arch(q.device), "fwd")
+    _fwd_kernel[(triton.cdiv(total_q, cfg.block_m), H)](
         q, k, v, out, lse, _seq_ids(cu_q, total_q), cu_q, cu_k, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         total_q, D, GROUP=H // k.shape[1], CAUSAL=causal, PRECISION=_input_precision(q.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -242,17 +287,24 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
     if total_k == 0 and total_q == 0:
         return dq, dk, dv
     delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (H, total_q)
-    BM, BN, BD, warps = _blocks(D, q.device)
+    arch = device_arch(q.device)
     prec = _input_precision(q.dtype)
-    common = dict(GROUP=H // H_kv, CAUSAL=causal, PRECISION=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  num_warps=warps)
+
+    def launch(kernel: str) -> tuple[AttentionConfig, dict]:
+        cfg = attention_config(q.dtype, D, arch, kernel)
+        return cfg, dict(GROUP=H // H_kv, CAUSAL=causal, PRECISION=prec, BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+
     if total_q:
-        _bwd_dq_kernel[(triton.cdiv(total_q, BM), H)](
+        cfg, common = launch("dq")
+        _bwd_dq_kernel[(triton.cdiv(total_q, cfg.block_m), H)](
             q, k, v, dout, lse, delta, dq, _seq_ids(cu_q, total_q), cu_q, cu_k, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), total_q, D, **common)
     if total_k:
-        _bwd_dkdv_kernel[(triton.cdiv(total_k, BN), H_kv)](
+        cfg, common = launch("dkdv")
+        _bwd_dkdv_kernel[(triton.cdiv(total_k, cfg.block_n), H_kv)](
             q, k, v, dout, lse, delta, dk, dv, _seq_ids(cu_k, total_k), cu_q, cu_k, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
