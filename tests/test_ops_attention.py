@@ -209,13 +209,16 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "exact"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_torch_backend_memory_is_linear_in_length(causal, monkeypatch):
+def test_torch_backend_memory_is_linear_in_length(causal, flash, monkeypatch):
     """One long sequence: the torch backend's forward and backward hold score blocks of at most
-    _SCORE_BUDGET elements (query rows in chunks, exact), never the (N, N) matrix; the result is
-    the reference's."""
+    _SCORE_BUDGET elements (query rows in chunks, exact; the CPU flash kernel holds none), never
+    the (N, N) matrix; the result is the reference's."""
     from asvit_kernels.torch_backend import attention as tb
     monkeypatch.setattr(tb, "_SCORE_BUDGET", 1 << 16, raising=False)
+    if not flash:
+        monkeypatch.setattr(tb, "_FLASH", None)
     N, H, D = 1500, 2, 8
     g = torch.Generator().manual_seed(0)
     q, k, v, dy = (torch.randn(N, H, D, generator=g, dtype=torch.float64) for _ in range(4))
@@ -229,3 +232,83 @@ def test_torch_backend_memory_is_linear_in_length(causal, monkeypatch):
     want.backward(dy)
     for name, got, ref in zip(["out", "dq", "dk", "dv"], [out, *grads], [want] + [t.grad for t in leaves]):
         assert rel_err(got, ref) <= TOL[torch.float64], name
+
+
+# ------------------------------------------------------- torch backend: CPU flash kernel per group
+
+def _flash_calls(monkeypatch):
+    """Counts the torch backend's calls of the CPU flash kernel (forward, backward)."""
+    from asvit_kernels.torch_backend import attention as tb
+    calls = {"fwd": 0, "bwd": 0}
+    if tb._FLASH is None:
+        pytest.skip("this torch has no aten::_scaled_dot_product_flash_attention_for_cpu")
+    fwd, bwd = tb._FLASH, tb._FLASH_BWD
+
+    def counted(key, fn):
+        def call(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return call
+    monkeypatch.setattr(tb, "_FLASH", counted("fwd", fwd))
+    monkeypatch.setattr(tb, "_FLASH_BWD", counted("bwd", bwd))
+    return calls
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [
+    ([49] * 6, None),                        # equal windows: one call on a view of the packed tensor
+    ([50, 197, 57] * 2, None),               # evenly spaced equal lengths: strided views
+    ([5, 9, 5, 5, 1, 0, 9], None),           # unevenly spaced: gathered
+    ([3, 7, 0, 2, 5, 4], [9, 2, 4, 0, 5, 1]),  # len_q != len_k, len_k = 0, query-less sequences
+])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("H_kv", [3, 1])
+def test_torch_backend_flash_groups_match_reference(lens_q, lens_k, causal, H_kv, monkeypatch, poison):
+    """The torch backend runs each group of equal lengths as one CPU flash-kernel call (forward and
+    backward) and still equals the float64 reference: head dim 45, GQA, causal bottom-right
+    (len_q > len_k: early rows return 0; len_q < len_k: a mask), empty and one-token sequences."""
+    calls = _flash_calls(monkeypatch)
+    for dtype in (torch.float64, torch.float32):
+        run("cpu", "torch", dtype, lens_q, lens_k, 3, H_kv, 45, causal, 3)
+    assert calls["fwd"] and calls["bwd"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_exact_path_without_flash(causal, monkeypatch, poison):
+    """Without the CPU flash kernel (older torch, other devices) the hand-rolled path serves."""
+    from asvit_kernels.torch_backend import attention as tb
+    monkeypatch.setattr(tb, "_FLASH", None)
+    rng = random.Random(11 + causal)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        run("cpu", "torch", dtype, random_lengths(rng, 5, 40), None, 4, 2, 45, causal, 4)
+    run("cpu", "torch", torch.float32, [3, 7, 0, 2, 5, 4], [9, 2, 4, 0, 5, 1], 3, 1, 16, causal, 5)
+
+
+def test_torch_backend_repeats_kv_heads_without_native_gqa(monkeypatch, poison):
+    """A torch whose flash kernel refuses H_kv < H gets the k/v heads repeated (and their
+    gradients summed back)."""
+    from asvit_kernels.torch_backend import attention as tb
+    calls = _flash_calls(monkeypatch)
+    monkeypatch.setattr(tb, "_native_gqa", lambda: False)
+    run("cpu", "torch", torch.float64, [7, 12, 7, 0, 1], None, 4, 2, 8, True, 6)
+    assert calls["fwd"] and calls["bwd"]
+
+
+def test_torch_backend_long_causal_cross_attention_falls_back(monkeypatch, poison):
+    """Causal len_q < len_k needs an (len_q, len_k) mask: past _SCORE_BUDGET the exact chunked path
+    runs instead, with the same result."""
+    from asvit_kernels.torch_backend import attention as tb
+    calls = _flash_calls(monkeypatch)
+    monkeypatch.setattr(tb, "_SCORE_BUDGET", 64)
+    run("cpu", "torch", torch.float64, [6, 12], [30, 13], 2, 1, 8, True, 7)
+    assert calls["fwd"] == 0 and calls["bwd"] == 0
+
+
+def test_torch_backend_non_contiguous_inputs(monkeypatch):
+    """q, k, v split from one (total, 3, H, D) projection (strided rows) give the same result."""
+    calls = _flash_calls(monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    qkv = torch.randn(30, 3, 2, 16, generator=g, dtype=torch.float64)
+    cu = ak.cu_seqlens_from_lengths([10, 20])
+    got = ak.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, causal=True, backend="torch")
+    want = reference.varlen_attention(*(qkv[:, i].contiguous() for i in range(3)), cu, causal=True)
+    assert rel_err(got, want) <= TOL[torch.float64] and calls["fwd"]
