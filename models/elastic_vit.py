@@ -278,8 +278,9 @@ class ElasticViT(DropPathRate, nn.Module):
         if isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence):
             raise TypeError(f"slots must be a sequence of slot indices, got {type(slots).__name__}")
         out = tuple(slots)
-        if (len(out) != depth or not all(isinstance(k, int) and not isinstance(k, bool) for k in out)
-                or any(a >= b for a, b in zip(out, out[1:])) or (out and not 0 <= out[0] <= out[-1] < len(self.blocks))):
+        ok = (len(out) == depth and all(isinstance(k, int) and not isinstance(k, bool) for k in out)
+              and all(0 <= k < len(self.blocks) for k in out) and all(a < b for a, b in zip(out, out[1:])))
+        if not ok:
             raise ValueError(f"slots must be {depth} strictly increasing slot indices in [0, {len(self.blocks)}), "
                              f"got {slots!r}")
         return out

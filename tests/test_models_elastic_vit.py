@@ -357,7 +357,7 @@ def test_explicit_slots_run_those_blocks_and_extract_them():
     assert rel_err(y, m.extract_subnet(cfg)(x)) > 1e-3     # slots 0, 1 hold other weights
     m.set_subnet(cfg)
     assert m.slots == (0, 1)
-    for bad in [(1,), (3, 1), (0, SPACE.num_slots), (1, 1)]:
+    for bad in [(1,), (3, 1), (0, SPACE.num_slots), (1, 1), (-1, 2), (0, 1.0)]:
         with pytest.raises(ValueError, match="slots"):
             m.set_subnet(cfg, bad)
     with pytest.raises(TypeError, match="slots"):

@@ -29,8 +29,8 @@ Sources. ``genotype_or_model_factory`` is a genotype (string or ``Genotype``), b
 ``AsViT.from_genotype(g, embed_dim=embed_dim, depths=depths, num_classes=0, img_size=<images'>)``
 (``num_classes=0``: no head, the indicators never use it), or a callable ``factory(seed) -> nn.Module``
 called with ``init_seed(s, r)`` under that seed; it must return a fresh module with
-``pooled_features(x) -> (B, ...)`` (the differentiated output), and ``set_norm(bool)`` (LayerNorm switch) when it has norms
-to switch (modules without ``set_norm`` are used as they are).
+``pooled_features(x) -> (B, ...)`` (the differentiated output), and ``set_norm(bool)`` (LayerNorm
+switch) when it has norms to switch (modules without ``set_norm`` are used as they are).
 """
 from __future__ import annotations
 

@@ -35,8 +35,9 @@ Growth-schedule search (``search=True``). At the start of stage k the model grow
 to the largest candidate depth (the first stage, as released, from the first manual depth); for
 the stage's first ``search_epochs`` epochs (at least one, at most the stage) every step trains a
 random candidate (r, l) drawn with the trainer's per-step generator (identical on every rank), at
-input size r with the grown supernet's depth-l slots (the others are identities). Each candidate's step time is measured from ``before_step`` to ``after_step``
-(``time.perf_counter``, CUDA synchronised at both ends); its time is the median over its steps
+input size r with the grown supernet's depth-l slots (the others are identities). Each candidate's
+step time is measured from ``before_step`` to ``after_step`` (``time.perf_counter``, CUDA
+synchronised at both ends); its time is the median over its steps
 (robust to warm-up steps), from at most the last ``_MAX_TIMES`` of them. At the end of the last
 search epoch every candidate is scored on ``eval_batches`` held-out batches by the FASTEST EMA
 copy (decay 0.998 in the released script; the model itself when there is none) set to its depth,
@@ -49,8 +50,8 @@ nothing is copied, training continues on its slots) for the rest of the stage. C
 stage r in {1/2, 5/6, 1} x max_size (rounded like the manual sizes) x l in {round(L/2), round(5L/6),
 L} (128/192/224 x 9/15/18 for 224 / 18); later stages r in {current, the next manual size above it}
 x l in the next (at most 3) manual depths strictly above the current one ({current} when none is
-above: from (128, 9) with manual depths 9, 12, 15, 18 that is {12, 15, 18}). Candidates never sampled (too few steps)
-get no time and cannot win. The records (times, losses, scores, a, w, the winner) are logged with
+above: from (128, 9) with manual depths 9, 12, 15, 18 that is {12, 15, 18}). Candidates never
+sampled (too few steps) get no time and cannot win. The records (times, losses, scores, a, w, the winner) are logged with
 ``trainer.log`` and kept in ``state_dict()["searches"]`` for reports.
 
 Evaluation: ``prepare_eval`` selects the current stage's depth (while searching: the largest
@@ -339,7 +340,8 @@ class AutoProg(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "stage": self._stage, "size": self._size, "depth": self._depth,
-                "layout": None if self._layout is None else list(self._layout), "searching": self._searching, "search_end": self._search_end,
+                "layout": None if self._layout is None else list(self._layout),
+                "searching": self._searching, "search_end": self._search_end,
                 "candidates": [list(c) for c in self._candidates], "times": [list(t) for t in self._times],
                 "counts": list(self._counts), "searches": [dict(s) for s in self._searches],
                 "chosen": [dict(c) for c in self._chosen]}
@@ -347,8 +349,8 @@ class AutoProg(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        keys = {"version", "stage", "size", "depth", "layout", "searching", "search_end", "candidates", "times", "counts",
-                "searches", "chosen"}
+        keys = {"version", "stage", "size", "depth", "layout", "searching", "search_end", "candidates", "times",
+                "counts", "searches", "chosen"}
         if set(state) != keys:
             raise ValueError(f"autoprog state must have the keys {sorted(keys)}, got {sorted(state)}")
         if state["version"] != _STATE_VERSION:
