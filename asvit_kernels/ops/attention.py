@@ -22,6 +22,8 @@ def _impl(backend: str):
         from ..triton import varlen_attention as m
     elif backend == "cuda":
         from ..cuda_backend import attention as m
+    elif backend == "torch_flash":
+        from ..torch_backend import flash_varlen as m
     else:
         from ..torch_backend import attention as m
     return m.varlen_forward, m.varlen_backward
@@ -186,7 +188,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         longest_q = _check_cu_values(cu_q, "cu_seqlens_q", total_q)
         longest_k = longest_q if cu_seqlens_k is None else _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
         max_q, max_k = (longest_q if max_q < 0 else max_q), (longest_k if max_k < 0 else max_k)
-    impl = backends.pick("varlen_attention", q.device, backend, q.dtype)
+    impl = backends.pick("varlen_attention", q.device, backend, q.dtype, head_dim=D)
     if _transforms.active():
         if return_lse:  # the composite form computes no statistics
             raise NotImplementedError("return_lse=True is not supported under torch.func transforms")
