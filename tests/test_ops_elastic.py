@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import asvit_kernels as ak
-from asvit_kernels import reference
+from asvit_kernels import backends, reference
 from asvit_kernels.ranges import channel_indices
 
 from _util import TOL, cases, dtypes_for, rel_err
@@ -168,3 +168,80 @@ def test_elastic_layer_norm_widths(device, backend, C, poison):
 def test_elastic_layer_norm_many_rows(device, backend, poison):
     """Enough rows that the backward splits its weight-gradient sums over several programs/blocks."""
     run_layer_norm(device, backend, torch.float32, 64, (50, 40), (1500,), True, 11)
+
+
+# ----------------------------------------------------------------------------- Triton split-K
+
+def _triton_or_skip():
+    if backends.why_unavailable("triton", torch.device("cpu")) is not None:
+        pytest.skip("Triton (interpreter) unavailable here")
+    from asvit_kernels.triton import gather_matmul as gm
+    return gm
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_gather_matmul_split_k_matches_float64(split, gathered, poison):
+    """Split-K partials summed in a fixed order: equal to float64 within fp32 rounding, with tables,
+    bias and row sums (the weight-gradient epilogue), K not a multiple of the slice."""
+    gm = _triton_or_skip()
+    g = torch.Generator().manual_seed(split)
+    M, N, K, C = 70, 90, 300, 110
+    a0 = torch.randn(M, K, generator=g, dtype=torch.float64)
+    b0 = torch.randn(K + 7, C, generator=g, dtype=torch.float64)
+    bias0 = torch.randn(C, generator=g, dtype=torch.float64)
+    bk = torch.randperm(K + 7, generator=g)[:K] if gathered else torch.arange(K)
+    bn = torch.randperm(C, generator=g)[:N] if gathered else torch.arange(N)
+    cm = torch.randperm(M + 5, generator=g)[:M] if gathered else torch.arange(M)
+    cn = torch.randperm(N + 3, generator=g)[:N] if gathered else torch.arange(N)
+    tab = (lambda t: t.to(torch.int32)) if gathered else (lambda t: None)
+    want = torch.zeros(M + 5, N + 3, dtype=torch.float64)
+    want[cm[:, None], cn[None, :]] = a0 @ b0[bk][:, bn] + bias0[bn]
+    want_rows = torch.zeros(M + 5, dtype=torch.float64)
+    want_rows[cm] = a0.sum(1)
+    outs = []
+    for _ in range(2):
+        c = torch.zeros(M + 5, N + 3)
+        rows = torch.zeros(M + 5)
+        gm.gather_matmul(a0.float(), b0.float(), c, bk_idx=tab(bk), bn_idx=tab(bn), cm_idx=tab(cm), cn_idx=tab(cn),
+                         bias=bias0.float(), rowsum=rows, n=N, k=K, split_k=split)
+        assert rel_err(c, want) <= TOL[torch.float32] and rel_err(rows, want_rows) <= TOL[torch.float32]
+        outs.append(c)
+    assert torch.equal(outs[0], outs[1])  # deterministic: no atomics
+
+
+def test_split_k_choice():
+    gm = _triton_or_skip()
+    cfg = gm.matmul_config(768, 384, 12608, torch.bfloat16, 90)
+    assert gm.split_k_for(768, 384, 12608, cfg, 132) == 8       # 18 tiles -> 144 programs
+    assert gm.split_k_for(768, 384, 200, cfg, 132) == 1         # too little K to split
+    big = gm.matmul_config(12608, 1536, 384, torch.bfloat16, 90)
+    assert gm.split_k_for(12608, 1536, 384, big, 132) == 1      # the forward fills the SMs
+    assert gm.split_k_for(128, 128, 10 ** 6, cfg, 132) == gm.MAX_SPLIT_K
+
+
+@pytest.mark.parametrize("in_kind,out_kind", [("first", "first"), ("wrapped", "wrapped"), ("full", "one"),
+                                              ("last", "multi")])
+def test_elastic_linear_triton_split_k(in_kind, out_kind, monkeypatch, poison):
+    """Every product of the Triton elastic linear layer with split-K forced on (3 slices)."""
+    gm = _triton_or_skip()
+    monkeypatch.setattr(gm, "split_k_for", lambda *a: 3)
+    rng = random.Random(zlib.crc32(f"split-{in_kind}-{out_kind}".encode()))
+    C_out, C_in = 96, 80
+    out_r = [(4, 20), (48, 20), (90, 8)] if out_kind == "multi" else make_range(out_kind, C_out, rng)
+    for dtype in (torch.float32, torch.float16):
+        run_linear("cpu", "triton", dtype, C_out, C_in, make_range(in_kind, C_in, rng), out_r, (2, 90), True, 5)
+
+
+def test_fp32_precision_follows_allow_tf32():
+    gm = _triton_or_skip()
+    mm = torch.backends.cuda.matmul
+    before = mm.allow_tf32  # a property of torch's cuBLAS module: set and restored by hand
+    try:
+        mm.allow_tf32 = True
+        assert gm._input_precision(torch.float32) == "tf32"
+        mm.allow_tf32 = False
+        assert gm._input_precision(torch.float32) == "ieee"
+        assert gm._input_precision(torch.bfloat16) == "ieee"  # half types: tensor cores whatever the switch
+    finally:
+        mm.allow_tf32 = before

@@ -68,3 +68,32 @@ def test_bad_range_sequences():
 def test_indices_device_and_dtype():
     idx = channel_indices((2, 3), 4, device="cpu")
     assert idx.dtype == torch.int64 and idx.device.type == "cpu"
+
+
+def test_cached_normalisation_still_refuses_bools_and_floats():
+    assert normalize_range((1, 2), 5) == (1, 2)            # cached as ints
+    with pytest.raises(TypeError, match="ints"):
+        normalize_range((True, 2), 5)                       # equal hash, must not hit that entry
+    assert normalize_ranges([(0, 2), (3, 2)], 5, "r") == ((0, 2), (3, 2))
+    with pytest.raises(TypeError):
+        normalize_ranges([(0, 2.0), (3, 2)], 5, "r")
+    with pytest.raises(ValueError, match="overlaps"):      # twice: an error is never cached away
+        normalize_ranges([(0, 3), (2, 2)], 8, "r")
+    with pytest.raises(ValueError, match="overlaps"):
+        normalize_ranges([(0, 3), (2, 2)], 8, "r")
+    assert normalize_range((7, 2), 5) == (2, 2) and normalize_range((7, 2), 9) == (7, 2)  # size is keyed
+
+
+def test_index_table_is_cached_per_ranges_size_device_and_dtype():
+    from asvit_kernels.ranges import index_table
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    a = index_table(((4, 3),), 5, cpu)
+    assert a is index_table(((4, 3),), 5, cpu)             # same key: the same tensor, not rebuilt
+    assert a.dtype == torch.int32 and a.tolist() == [4, 0, 1]
+    assert index_table(((4, 3),), 6, cpu).tolist() == [4, 5, 0]      # other size, other table
+    assert index_table(((4, 3),), 5, cpu, torch.int64).dtype == torch.int64
+    m = index_table(((4, 3),), 5, meta)
+    assert m.device.type == "meta" and m.shape == (3,)
+    assert index_table(((0, 1), (3, 2)), 5, cpu).tolist() == [0, 3, 4]
+    with pytest.raises(TypeError, match="device"):
+        index_table(((0, 1),), 5, "cpu")

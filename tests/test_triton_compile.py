@@ -11,10 +11,11 @@ maximum of CUDA's "Technical Specifications per Compute Capability" table: sm_80
 99 KB, sm_90 227 KB); no register spills (local memory) on the fp16/bf16 paths. fp32 spills are
 reported, not asserted (the ieee fp32 ``tl.dot`` is an FMA loop).
 
-Coverage: by default the bounding subset, 23 compiles (a few minutes on two loaded cores): on each of
+Coverage: by default the bounding subset, 29 compiles (a few minutes on two loaded cores): on each of
 sm_80, sm_86 and sm_90 the three attention kernels at fp32 head dim 160 (padded to 256: the most
 shared memory), bf16 at 256 (dq), 45 (fwd: non-power-of-two) and 64 (dkdv), the 64-row tiles with
-the most registers, and the elastic matmul's large fp32 tile; on sm_80 also its bf16 forward and
+the most registers, and the elastic matmul's large fp32 tile, its bf16 split-K weight gradient and
+split-K reduction; on sm_80 also its bf16 forward and
 the Gram. ``ASVIT_COMPILE_FULL=1`` compiles the full matrix
 (every kernel x arch x fp32/fp16/bf16 x head dims 32, 45, 64, 80, 128, 160, 256, and tf32), and
 ``ASVIT_COMPILE_TABLE=path`` writes the results as a Markdown table.
@@ -64,11 +65,14 @@ def _cases(full: bool) -> list[dict]:
             for dt, d, prec in combos:
                 out.append(dict(kind="attention", kernel=kernel, arch=arch, dtype=dt, head_dim=d,
                                 precision=prec))
-        mm = [(dt, size, var) for dt in DTYPES for size in ("large", "small") for var in ("fwd", "dw")]
+        variants = ("fwd", "dw", "dw_split", "reduce")
+        mm = [(dt, size, var) for dt in DTYPES for size in ("large", "small") for var in variants]
         if full:
-            mm += [("fp32tf32", size, var) for size in ("large", "small") for var in ("fwd", "dw")]
+            mm += [("fp32tf32", size, var) for size in ("large", "small") for var in variants[:3]]
         else:
-            mm = [("fp32", "large", "dw")] + ([("bf16", "large", "fwd")] if arch == 80 else [])
+            # The split-K weight gradient (workspace store) and its reduction in bf16 on every arch.
+            mm = [("fp32", "large", "dw"), ("bf16", "large", "dw_split"), ("bf16", "large", "reduce")]
+            mm += [("bf16", "large", "fwd")] if arch == 80 else []
         for dt, size, var in mm:
             out.append(dict(kind="matmul", kernel=var, arch=arch, dtype=dt, size=size))
         for dt in (DTYPES if full else ("bf16",) if arch == 80 else ()):
@@ -132,19 +136,29 @@ def _specs(c: dict):
 
         M, N, K = (768, 768, 768) if c["size"] == "large" else (64, 768, 768)
         C = 1024  # the shared weight's full size (a wrapping range: index tables)
-        cfg = gm.matmul_config(M, N, K, tdt, c["arch"])
         fwd = c["kernel"] == "fwd"
+        if c["kernel"] == "reduce":  # the split-K sum: its tile is fixed, the dtype is c's
+            rb = gm.reduce_config(c["arch"])
+            args = dict(ws_ptr="*fp32", ws_rowsum_ptr="*fp32", bias_ptr=P, c_ptr=P, rowsum_ptr=P, bn_idx_ptr="*i32",
+                        cm_idx_ptr="*i32", cn_idx_ptr="*i32", M=M, N=N, stride_cm=C, stride_cn=1)
+            const = dict(HAS_BIAS=False, HAS_ROWSUM=True, GATHER_BN=False, GATHER_CM=True, GATHER_CN=True,
+                         SPLIT_K=8, BLOCK_M=rb, BLOCK_N=rb)
+            return gm._split_k_reduce_kernel, args, const, dict(num_warps=4, num_stages=1), f"{rb}x{rb} w4 split 8"
+        cfg = gm.matmul_config(M, N, K, tdt, c["arch"])
+        split = 8 if c["kernel"] == "dw_split" else 1
         args = dict(a_ptr=P, b_ptr=P, bias_ptr=P, c_ptr=P, rowsum_ptr=P, bk_idx_ptr="*i32",
-                    bn_idx_ptr="*i32", cm_idx_ptr="*i32", cn_idx_ptr="*i32", M=M, N=N, K=K)
+                    bn_idx_ptr="*i32", cm_idx_ptr="*i32", cn_idx_ptr="*i32", ws_ptr="*fp32", ws_rowsum_ptr="*fp32",
+                    M=M, N=N, K=K, k_per_split=K // split)
         if fwd:  # x (M, K) @ w.t(): b strides (1, C)
             args.update(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=C, stride_cm=N, stride_cn=1)
         else:    # dy.t() (M=C_out rows) @ x: a strides (1, M), c = dw (C, C)
             args.update(stride_am=1, stride_ak=M, stride_bk=N, stride_bn=1, stride_cm=C, stride_cn=1)
         prec = "tf32" if c["dtype"] == "fp32tf32" else "ieee"
         const = dict(HAS_BIAS=fwd, HAS_ROWSUM=not fwd, GATHER_BK=fwd, GATHER_BN=fwd, GATHER_CM=not fwd,
-                     GATHER_CN=not fwd, INPUT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                     BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+                     GATHER_CN=not fwd, SPLIT_K=split, INPUT_PRECISION=prec, BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
         desc = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+        desc += f" split {split}" if split > 1 else ""
         return (gm._gather_matmul_kernel, args, const,
                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), desc)
     from asvit_kernels.triton import per_sample_grad_gram as pg
@@ -376,6 +390,37 @@ def test_elastic_linear_gpu_tiles_in_interpreter(gpu_tiles, dtype):
     want.backward(dy.double())
     for a, e in zip([got] + [t.grad for t in leaves], [want] + [t.grad for t in exact]):
         assert rel_err(a, e) <= TOL[tdt]
+
+
+def test_elastic_weight_gradient_split_k_gpu_tiles_in_interpreter(gpu_tiles, monkeypatch):
+    """The sm_80 tiles with split-K chosen by the launcher itself (132 SMs, few output tiles): the
+    weight gradient runs as several K slices plus the reduction; every gradient vs float64."""
+    import torch
+
+    import asvit_kernels as ak
+    from asvit_kernels import reference
+    from asvit_kernels.triton import gather_matmul
+    from _util import TOL, rel_err
+
+    monkeypatch.setattr(gather_matmul, "sm_count", lambda device: 132)
+    calls = []
+    real = gather_matmul.split_k_for
+    monkeypatch.setattr(gather_matmul, "split_k_for", lambda *a: calls.append(real(*a)) or calls[-1])
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 80, generator=g, dtype=torch.float64)
+    b = torch.randn(96, generator=g, dtype=torch.float64)
+    x = torch.randn(600, 40, generator=g, dtype=torch.float64)   # 600 tokens: K of the weight gradient
+    rng_in, rng_out = (60, 40), [(0, 24), (90, 6)]                 # wrapped input, two output pieces
+    dy = torch.randn(600, 30, generator=g, dtype=torch.float64).float()
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    got = ak.elastic_linear(*leaves, rng_in, rng_out, backend="triton")
+    want = reference.elastic_linear(*exact, rng_in, rng_out)
+    got.backward(dy)
+    want.backward(dy.double())
+    assert max(calls) > 1, f"no product was split: {calls}"
+    for a, e in zip([got] + [t.grad for t in leaves], [want] + [t.grad for t in exact]):
+        assert rel_err(a, e) <= TOL[torch.float32]
 
 
 def _main(argv: list[str]) -> None:

@@ -5,15 +5,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ranges import Range, channel_indices, total_width
+from ..ranges import Range, index_table, total_width
 from .gather_matmul import gather_matmul
 
 
 def _access(ranges: Sequence[Range], size: int, device: torch.device) -> tuple[int, Optional[torch.Tensor]]:
-    """(base offset, index table): one non-wrapping range is a plain offset; anything else a table."""
+    """(base offset, index table): one non-wrapping range is a plain offset; anything else a table,
+    built once per (ranges, size, device) and cached (``ranges.index_table``)."""
     if len(ranges) == 1 and ranges[0][0] + ranges[0][1] <= size:
         return ranges[0][0], None
-    return 0, channel_indices(ranges, size, device).to(torch.int32)
+    return 0, index_table(tuple(tuple(r) for r in ranges), size, device)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
