@@ -32,6 +32,20 @@ def _cuda_devices() -> "list[tuple[int, str, tuple[int, int]]]":
         return []
 
 
+def _dispatch() -> dict:
+    """Per op and dtype, on this machine's default device: the backend auto-dispatch picks and why
+    each other one is not picked (``asvit info --op`` for one call with a head dim or features)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = {}
+    for op in backends.OP_BACKENDS:
+        out[op] = {}
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            chosen, *others = backends.explain(op, device, dtype)
+            out[op][str(dtype)[6:]] = {"chosen": chosen.backend, "tensor_cores": chosen.tensor_cores,
+                                       "not_chosen": {v.backend: v.reason for v in others}}
+    return out
+
+
 def build_info() -> dict:
     """What this install has: version, the CUDA extension and its build, the usable backends.
 
@@ -39,7 +53,8 @@ def build_info() -> dict:
     from the module itself), ``min_driver`` (the oldest NVIDIA driver series for the SASS, and for
     JIT-compiling the PTX). On a machine with GPUs, ``gpus`` says per device whether SASS or PTX
     covers its compute capability, and ``gpu_not_covered`` is one sentence naming the devices the
-    ``cuda`` backend cannot run on (None when all are covered).
+    ``cuda`` backend cannot run on (None when all are covered). ``dispatch``: per op and dtype,
+    the backend auto-dispatch picks here and why each other one is not picked.
     """
     cfg = _ext.BUILD_CONFIG
     usable = ["torch"]
@@ -67,5 +82,6 @@ def build_info() -> dict:
         "gpu_not_covered": not_covered,
         "backends_available": usable,
         "triton_interpreted": backends.triton_interpreted(),
+        "dispatch": _dispatch(),
         "torch_version": torch.__version__,
     }

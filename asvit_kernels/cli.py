@@ -149,8 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("info", help="build info and the devices")
+    p = sub.add_parser("info", help="build info and the devices; with --op, which backend a call gets and why")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--op", default=None, help="varlen_attention, per_sample_grad_gram, elastic_linear or "
+                   "elastic_layer_norm: print the dispatch of one call of it")
+    p.add_argument("--dtype", default="float32", help="fp32|fp16|bf16|fp64 (or float32, ...) of the call")
+    p.add_argument("--head-dim", type=POSITIVE, default=None, help="attention head dim of the call")
+    p.add_argument("--features", default="", help="comma list of attention features: window,softcap,alibi,dropout")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --arch is given or a GPU "
+                   "is here, else cpu)")
+    p.add_argument("--arch", type=POSITIVE, default=None, help="a CUDA compute capability such as 70, 80, 90: "
+                   "describe that GPU (availability on this machine is then not checked)")
     _add_output_options(p, top=False)
 
     p = sub.add_parser("search", help="As-ViT topology search (REINFORCE on kappa and L^E)")
@@ -274,10 +283,47 @@ def _train_overrides(args) -> dict[str, Any]:
     return out
 
 
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64", "half": "float16"}
+
+
+def cmd_info_op(args) -> int:
+    """``asvit info --op``: the backend one call gets, and why each other backend was not chosen."""
+    import torch
+
+    from asvit_kernels import backends, capabilities
+    name = _DTYPES.get(args.dtype, args.dtype)
+    if name not in ("float32", "float16", "bfloat16", "float64"):
+        raise UsageError(f"asvit info: --dtype must be fp32, fp16, bf16 or fp64, got {args.dtype!r}")
+    if args.op not in capabilities.TABLE:
+        raise UsageError(f"asvit info: --op must be one of {', '.join(capabilities.TABLE)}, got {args.op!r}")
+    features = tuple(f for f in args.features.split(",") if f)
+    if bad := sorted(set(features) - set(capabilities.ATTENTION_FEATURES)):
+        raise UsageError(f"asvit info: --features: unknown {', '.join(bad)}; choose from {','.join(capabilities.ATTENTION_FEATURES)}")
+    device = torch.device(args.device or ("cuda" if args.arch or torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, name)
+    verdicts = backends.explain(args.op, device, dtype, arch=args.arch, head_dim=args.head_dim,
+                                features=features, check_available=args.arch is None)
+    if args.json:
+        print(json.dumps([v._asdict() for v in verdicts], indent=1))
+        return 0
+    where = f"sm_{args.arch} (described, not detected)" if args.arch else device.type
+    print(f"{args.op}, {name}" + (f", head dim {args.head_dim}" if args.head_dim else "")
+          + (f", features {','.join(features)}" if features else "") + f", on {where}:")
+    for v in verdicts:
+        tc = "tensor cores" if v.tensor_cores else ("no tensor cores" if device.type == "cuda" else "")
+        state = "CHOSEN" if v.chosen else f"not chosen: {v.reason}"
+        print(f"  {v.backend:12s} {tc:16s} {state}")
+    if device.type == "cuda" and not verdicts[0].tensor_cores:
+        print("  no backend does this call on tensor cores here")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
     import asvit_kernels
+    if args.op is not None:
+        return cmd_info_op(args)
     info = asvit_kernels.build_info()
     info["torch"] = torch.__version__
     info["devices"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
