@@ -115,3 +115,18 @@ def test_meta_tensors_pass_through():
     q = torch.empty(6, 2, 8, device="meta")
     cu = torch.tensor([0, 6], dtype=torch.int32, device="meta")
     assert ak.varlen_attention(q, q, q, cu, cu, 6, 6).shape == (6, 2, 8)
+
+
+@pytest.mark.parametrize("device,backend,dtype", CPU + [pytest.param("cuda", b, d, marks=pytest.mark.gpu)
+                                                         for b in ("torch", "triton", "cuda")
+                                                         for d in (torch.float16, torch.bfloat16)])
+def test_per_sample_grad_gram_casts_like_a_matmul_and_returns_fp32(device, backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    a, dy = torch.randn(6, 9, 20, generator=g).to(device), torch.randn(6, 9, 12, generator=g).to(device)
+    with torch.autocast(device, dtype):
+        K = ak.per_sample_grad_gram(a, dy, backend=backend)
+    assert K.dtype == torch.float32
+    # The Gram of the cast inputs, exactly: the cast is the only rounding autocast adds.
+    ref = reference.per_sample_grad_gram(a.to(dtype).double(), dy.to(dtype).double())
+    assert rel_err(K, ref) <= TOL[torch.float32] * 10
+    assert rel_err(K, reference.per_sample_grad_gram(a.double(), dy.double())) <= TOL[dtype]

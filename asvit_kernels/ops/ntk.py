@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import backends
 from ..params import ParamSelector, select_parameters
-from . import _transforms, _validate
+from . import _autocast, _transforms, _validate
 
 Tensor = torch.Tensor
 OutputFn = Optional[Callable[[nn.Module, Tensor], Tensor]]
@@ -41,6 +41,7 @@ def _gram_impl(backend: str):
 
 
 @torch.library.custom_op("asvit::per_sample_grad_gram", mutates_args=())
+@_autocast.off
 def _gram_op(a: Tensor, g: Tensor, backend: str) -> Tensor:
     c = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
     return _gram_impl(backend)(c(a), c(g))
@@ -62,10 +63,13 @@ def per_sample_grad_gram(a: Tensor, g: Tensor, *, backend: Optional[str] = None)
 
     Returns:
         ``(B, B)``: entry (i, j) is ``<g_i^T a_i, g_j^T a_j>`` (Frobenius), accumulated in fp32
-        (float64 for float64 input on the torch backend). Not differentiable.
+        (float64 for float64 input on the torch backend) on every backend. Not differentiable.
+        Under ``torch.autocast`` the inputs are cast to the autocast dtype, as a matmul's are; the
+        output stays fp32.
     """
     _validate.tensor(a, "a")
     _validate.tensor(g, "g")
+    a, g = _autocast.matmul_inputs(a.device, a, g)
     _validate.same_device_dtype(a, "a", g=g)
     if a.dim() == 2 and g.dim() == 2:
         a, g = a[:, None], g[:, None]
