@@ -13,17 +13,9 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from typing import NamedTuple, Optional
 
 import torch
-
-
-def _groups(cu_q: torch.Tensor, cu_k: torch.Tensor):
-    """{(len_q, len_k): [(q_start, k_start), ...]} over the non-empty-query sequences."""
-    groups = defaultdict(list)
-    for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
-        if qe > qs:
-            groups[(qe - qs, ke - ks)].append((qs, ks))
-    return groups
 
 
 def _rows(starts, length: int, device) -> torch.Tensor:
@@ -58,55 +50,161 @@ def _mm_seen(a: torch.Tensor, x: torch.Tensor, seen, check: bool = True) -> torc
     return out
 
 
-def _probs(qb, kb, lse, scale, seen):
-    # lse = +inf: the row's softmax is undefined (NaN, as the forward's output); lse = -inf: the row
-    # sees no key, and every one of its entries is masked.
-    lse = lse.masked_fill(lse == float("inf"), float("nan"))
-    p = torch.exp((qb * scale) @ kb.transpose(-1, -2) - lse[..., None])
-    return p if seen is None else p.masked_fill(~seen, 0.0)
-
-
 # Elements of one (n, H, rows, Lk) score block. Query rows are independent, so a group runs in
 # chunks of rows (exact, no online softmax) and memory is O(rows * Lk), not O(Lq * Lk): a 20k-token
 # head holds 8M-element blocks, not two 400M-element matrices. Groups of short windows stay one call.
 _SCORE_BUDGET = 1 << 23
 
 
-def _chunks(n: int, H: int, Lq: int, Lk: int, causal: bool, device):
-    """(query rows, their causal mask (rows, Lk) or None) per chunk of a group."""
+def _chunks(n: int, H: int, Lq: int, Lk: int, window, device):
+    """(query rows, their visibility mask (rows, Lk) or None when every key is seen) per chunk of a
+    group; ``window`` is flash-attn's (left, right) with causal folded in (right = 0)."""
     step = max(1, _SCORE_BUDGET // max(1, n * H * Lk))
+    left, right = window
     for i0 in range(0, Lq, step):
         rows = slice(i0, min(i0 + step, Lq))
         seen = None
-        if causal:  # rows i0.. of causal_mask(Lq, Lk), without building the whole of it
-            i = torch.arange(rows.start, rows.stop, device=device)[:, None]
-            seen = torch.arange(Lk, device=device)[None, :] <= i + (Lk - Lq)
+        if left >= 0 or right >= 0:  # rows i0.. of the reference's visible_mask, not the whole of it
+            i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (Lk - Lq)
+            j = torch.arange(Lk, device=device)[None, :]
+            seen = (j >= i - left) if left >= 0 else None
+            if right >= 0:
+                seen = (j <= i + right) if seen is None else seen & (j <= i + right)
         yield rows, seen
 
 
-def _attend(qb, kb, vb, scale: float, seen, check: bool):
-    """Output and lse of query rows ``qb`` (n, H, rows, D) over all keys; ``seen`` their mask."""
+def _scores(qb, kb, scale: float, x: Optional["_ChunkExtras"]):
+    """Scores of rows ``qb`` over keys ``kb`` with softcap and ALiBi applied; and tanh of the
+    capped scores (the backward's softcap factor), or None."""
     s = (qb * scale) @ kb.transpose(-1, -2)  # scaling q touches rows*D values, not rows*Lk
+    t = None
+    if x is not None and x.softcap > 0:
+        t = torch.tanh(s / x.softcap)
+        s = x.softcap * t
+    if x is not None and x.bias is not None:
+        s = s + x.bias
+    return s, t
+
+
+def _probs(qb, kb, lse, scale, seen, x=None):
+    """The forward's probabilities (before dropout) from its lse, and ``_scores``' tanh."""
+    # lse = +inf: the row's softmax is undefined (NaN, as the forward's output); lse = -inf: the row
+    # sees no key, and every one of its entries is masked.
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))
+    s, t = _scores(qb, kb, scale, x)
+    p = torch.exp(s - lse[..., None])
+    return (p if seen is None else p.masked_fill(~seen, 0.0)), t
+
+
+def _attend(qb, kb, vb, scale: float, seen, check: bool, x=None):
+    """Output and lse of query rows ``qb`` (n, H, rows, D) over all keys; ``seen`` their mask."""
+    s, _ = _scores(qb, kb, scale, x)
     if seen is not None:
         s = s.masked_fill(~seen, float("-inf"))
     m = torch.logsumexp(s, dim=-1)                                         # (n, H, rows)
     p = torch.softmax(s, dim=-1)
     if seen is not None:  # a row that sees no key is all -inf (softmax NaN) and returns 0
         p = p.masked_fill(~seen.any(-1, keepdim=True), 0.0)
+    if x is not None and x.keep is not None:
+        p = p * x.keep
     return _mm_seen(p, vb, seen, check), m
 
 
-def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool, check: bool = True):
+def _group_outputs(q, k, v, cu_q, cu_k, scale: float, causal: bool, check: bool = True, features=None):
     """Per group of equal (len_q, len_k): the query rows, their outputs ``(n * Lq, H, D)`` and
     log-sum-exps ``(H, n * Lq)`` in the accumulation dtype, or (rows, None, None) when there are no keys.
     ``check``: see ``_mm_seen``."""
-    for (Lq, Lk), starts in _groups(cu_q, cu_k).items():
-        qi = _rows([s for s, _ in starts], Lq, q.device)
-        if Lk == 0:
+    for g in _plan(cu_q, cu_k, causal):
+        qi = _rows(g.q_starts, g.Lq, q.device)
+        if g.Lk == 0:
             yield qi, None, None
             continue
-        ki = _rows([s for _, s in starts], Lk, q.device)
-        yield (qi, *_exact_forward(q, k, v, qi, ki, len(starts), Lq, Lk, scale, causal, check))
+        yield (qi, *_exact_forward(q, k, v, g, scale, causal, check, features))
+
+
+# ------------------------------------------------- flash-attn's features: window, softcap, ALiBi, dropout
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), in halves so no product overflows int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' hash prospector): a bijection of 32-bit values with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _keep_bits(seed: int, dropout_p: float, H: int, rows: torch.Tensor, Lk: int) -> torch.Tensor:
+    """Dropout keep mask (n, H, rows, Lk) for global query rows ``rows`` (n, rows): a counter-based
+    hash of (seed, head, global query row, local key index), so any chunk regenerates exactly the
+    same bits (the backward's mask is the forward's) with no generator state; kept with
+    probability 1 - dropout_p to within 2**-32."""
+    dev = rows.device
+    heads = _mix32(torch.arange(H, device=dev, dtype=torch.int64) ^ int(_mix32(torch.tensor(seed))))
+    per_row = _mix32(heads[None, :, None] ^ rows.to(torch.int64)[:, None, :])         # (n, H, rows)
+    bits = _mix32(per_row[..., None] ^ torch.arange(Lk, device=dev, dtype=torch.int64))
+    return bits >= int(dropout_p * 2 ** 32)
+
+
+def dropout_keep_mask(seed: int, dropout_p: float, cu_q: torch.Tensor, cu_k: torch.Tensor, H: int,
+                      device=None) -> list:
+    """The keep mask this backend's dropout uses, one (H, len_q, len_k) bool tensor per sequence,
+    for tests: query head h, local row i and local key j of sequence b are kept iff the hash of
+    (seed, h, cu_q[b] + i, j) clears dropout_p. The Triton kernels draw theirs from Philox, so the
+    masks (and dropout outputs) differ between backends; each matches its own forward and backward."""
+    masks = []
+    for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        rows = torch.arange(qs, qe, device=device)[None]
+        masks.append(_keep_bits(seed, dropout_p, H, rows, ke - ks)[0])
+    return masks
+
+
+class _ChunkExtras(NamedTuple):
+    """What the features add to one chunk's (n, H, rows, Lk) score block."""
+    softcap: float
+    bias: Optional[torch.Tensor]   # ALiBi's -slope * |i' - j|
+    keep: Optional[torch.Tensor]   # dropout's keep / (1 - dropout_p)
+
+
+class Features(NamedTuple):
+    """flash-attn 2.6+'s optional features as the op layer passes them (see the reference's
+    ``varlen_attention_features``): ``window`` (left, right), -1 unbounded, causal folded in
+    (right = 0); ``softcap`` (> 0: ``s = softcap * tanh(s / softcap)``); ``alibi`` (batch, H)
+    float32 slopes (``s -= slope * |i + len_k - len_q - j|``); dropout on the probabilities with
+    this backend's keep mask (``dropout_keep_mask``), the lse taken before it."""
+    window: tuple
+    softcap: float
+    alibi: Optional[torch.Tensor]
+    dropout_p: float
+    seed: int
+
+    @staticmethod
+    def of(causal: bool, window, softcap, alibi, dropout_p, seed) -> Optional["Features"]:
+        """The features of a call, or None when it uses none (a plain, possibly causal, call)."""
+        w = _window(causal, window)
+        if w == _window(causal) and not softcap > 0 and alibi is None and not dropout_p > 0:
+            return None
+        return Features(w, float(softcap), alibi, float(dropout_p), int(seed))
+
+    def chunk(self, g: "_Group", rows: slice, H: int, acc: torch.dtype, device) -> _ChunkExtras:
+        bias = keep = None
+        if self.alibi is not None:
+            i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (g.Lk - g.Lq)
+            dist = (i - torch.arange(g.Lk, device=device)[None, :]).abs().to(acc)
+            slopes = self.alibi.index_select(0, torch.tensor(g.seqs, device=device)).to(acc)
+            bias = -(slopes[:, :, None, None] * dist)
+        if self.dropout_p > 0:
+            starts = torch.tensor(g.q_starts, device=device)[:, None]
+            global_rows = starts + torch.arange(rows.start, rows.stop, device=device)
+            keep = _keep_bits(self.seed, self.dropout_p, H, global_rows, g.Lk).to(acc) / (1.0 - self.dropout_p)
+        return _ChunkExtras(self.softcap, bias, keep)
 
 
 # ------------------------------------------------------------------ the CPU flash kernel, per group
@@ -135,25 +233,34 @@ def _native_gqa() -> bool:
         return False
 
 
-def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool):
-    """[(len_q, len_k, q_starts, k_starts)] per group of equal lengths, non-empty queries only.
+class _Group(NamedTuple):
+    """Sequences of equal (len_q, len_k): their first query and key rows, and batch indices."""
+    Lq: int
+    Lk: int
+    q_starts: list
+    k_starts: list
+    seqs: list
+
+
+def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> list:
+    """[_Group] per group of equal lengths, non-empty queries only.
     Under causal a sequence with len_q > len_k splits in two: its first len_q - len_k rows see no
     key (a (len, 0) entry: zero output, lse -inf, zero gradient) and its last len_k rows are a
-    square causal problem, where top-left and bottom-right alignment agree."""
-    groups = defaultdict(lambda: ([], []))
-    for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+    square causal problem, where top-left and bottom-right alignment agree (so do a window's and
+    ALiBi's ``i + len_k - len_q``, and dropout's global rows)."""
+    groups = defaultdict(lambda: ([], [], []))
+    bounds = zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist())
+    for b, (qs, qe, ks, ke) in enumerate(bounds):
         Lq, Lk = qe - qs, ke - ks
         if Lq == 0:
             continue
         if causal and Lq > Lk > 0:
-            g = groups[(Lq - Lk, 0)]
-            g[0].append(qs)
-            g[1].append(ks)
+            for lst, val in zip(groups[(Lq - Lk, 0)], (qs, ks, b)):
+                lst.append(val)
             qs, Lq = qs + Lq - Lk, Lk
-        g = groups[(Lq, Lk)]
-        g[0].append(qs)
-        g[1].append(ks)
-    return [(Lq, Lk, qst, kst) for (Lq, Lk), (qst, kst) in groups.items()]
+        for lst, val in zip(groups[(Lq, Lk)], (qs, ks, b)):
+            lst.append(val)
+    return [_Group(Lq, Lk, *g) for (Lq, Lk), g in groups.items()]
 
 
 def _step(starts, length: int):
@@ -232,15 +339,25 @@ def _kv_for(kb: torch.Tensor, vb: torch.Tensor, H: int):
     return kb.repeat_interleave(g, 1), vb.repeat_interleave(g, 1), True
 
 
-def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool):
+def _window(causal: bool, window=(-1, -1)) -> tuple:
+    """flash-attn's window with causal folded in (causal => right = 0)."""
+    return (int(window[0]), 0) if causal else (int(window[0]), int(window[1]))
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool, *, window=(-1, -1),
+                   softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0):
+    """Output (total_q, H, D) and lse (H, total_q). The keywords are flash-attn's features (see
+    ``Features``); a call that uses one runs every group on the exact path."""
+    features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     H = q.shape[1]
     acc = _acc_dtype(q.dtype)
     plan = _plan(cu_q, cu_k, causal)
-    flash = _use_flash(q)
+    flash = features is None and _use_flash(q)
     clean = flash and _finite(q, k, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)   # the groups cover every row
     lse = torch.empty((H, q.shape[0]), dtype=acc, device=q.device)
-    for Lq, Lk, qst, kst in plan:
+    for g in plan:
+        Lq, Lk, qst, kst = g.Lq, g.Lk, g.q_starts, g.k_starts
         if Lk == 0:  # no keys: zero output, lse -inf
             _put(out, qst, Lq, 0.0)
             _put(_lse_rows(lse), qst, Lq, float("-inf"))
@@ -257,23 +374,27 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool
                     _put(out, qst, Lq, o)
                 _put(_lse_rows(lse), qst, Lq, m.unsqueeze(-1))
                 continue
-        qi, ki = _rows(qst, Lq, q.device), _rows(kst, Lk, q.device)
-        o, m = _exact_forward(q, k, v, qi, ki, len(qst), Lq, Lk, scale, causal, True)
+        qi = _rows(qst, Lq, q.device)
+        o, m = _exact_forward(q, k, v, g, scale, causal, True, features)
         out.index_copy_(0, qi, o.to(q.dtype))
         lse[:, qi] = m
     return out, lse
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: float, causal: bool):
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: float, causal: bool, *,
+                    window=(-1, -1), softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0):
+    """(dq, dk, dv); the keywords as ``varlen_forward``'s (dropout regenerates its keep mask)."""
+    features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     H = q.shape[1]
     plan = _plan(cu_q, cu_k, causal)
-    flash = _use_flash(q)
+    flash = features is None and _use_flash(q)
     clean = flash and _finite(dout, q, k, v)
-    keys_seen = sum(len(kst) * Lk for _, Lk, _, kst in plan)  # keys of query-less sequences get 0
+    keys_seen = sum(len(g.k_starts) * g.Lk for g in plan)  # keys of query-less sequences get 0
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     alloc = torch.empty if keys_seen == k.shape[0] else torch.zeros
     dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-    for Lq, Lk, qst, kst in plan:
+    for g in plan:
+        Lq, Lk, qst, kst = g.Lq, g.Lk, g.q_starts, g.k_starts
         if Lk == 0:
             _put(dq, qst, Lq, 0.0)
             continue
@@ -300,7 +421,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
                     _put(dv, kst, Lk, gv)
                 continue
         qi, ki = _rows(qst, Lq, q.device), _rows(kst, Lk, q.device)
-        dqb, dkb, dvb = _exact_backward(dout, q, k, v, out, lse, qi, ki, len(qst), Lq, Lk, scale, causal)
+        dqb, dkb, dvb = _exact_backward(dout, q, k, v, out, lse, g, scale, causal, features)
         dq.index_copy_(0, qi, dqb.to(q.dtype))
         dk.index_copy_(0, ki, dkb.to(k.dtype))
         dv.index_copy_(0, ki, dvb.to(v.dtype))
@@ -309,33 +430,47 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
 
 # ------------------------------------------------------------------------- the exact hand-rolled path
 
-def _exact_forward(q, k, v, qi, ki, n: int, Lq: int, Lk: int, scale: float, causal: bool, check: bool):
-    """One group (rows ``qi``, keys ``ki``, Lk > 0): outputs ``(n * Lq, H, D)`` and log-sum-exps
-    ``(H, n * Lq)`` in the accumulation dtype. ``check``: see ``_mm_seen``."""
-    H = q.shape[1]
+def _exact_forward(q, k, v, g: _Group, scale: float, causal: bool, check: bool, features=None):
+    """One group (Lk > 0): outputs ``(n * Lq, H, D)`` and log-sum-exps ``(H, n * Lq)`` in the
+    accumulation dtype. ``check``: see ``_mm_seen``."""
+    H, n, Lq, Lk = q.shape[1], len(g.q_starts), g.Lq, g.Lk
     acc = _acc_dtype(q.dtype)
+    qi, ki = _rows(g.q_starts, Lq, q.device), _rows(g.k_starts, Lk, q.device)
     qb = _gather(q, qi, n, Lq, H).to(acc)
     kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
-    parts = [_attend(qb[:, :, rows], kb, vb, scale, seen, check)
-             for rows, seen in _chunks(n, H, Lq, Lk, causal, q.device)]
+    window = _window(causal) if features is None else features.window
+    parts = []
+    for rows, seen in _chunks(n, H, Lq, Lk, window, q.device):
+        x = None if features is None else features.chunk(g, rows, H, acc, q.device)
+        parts.append(_attend(qb[:, :, rows], kb, vb, scale, seen, check, x))
     o, m = (torch.cat(t, 2) if len(parts) > 1 else t[0] for t in zip(*parts))
     return o.transpose(1, 2).reshape(n * Lq, H, -1), m.transpose(0, 1).reshape(H, n * Lq)
 
 
-def _exact_backward(dout, q, k, v, out, lse, qi, ki, n: int, Lq: int, Lk: int, scale: float, causal: bool):
+def _exact_backward(dout, q, k, v, out, lse, g: _Group, scale: float, causal: bool, features=None):
     """One group's (dq (n * Lq, H, D), dk, dv (n * Lk, H_kv, D)) in the accumulation dtype."""
-    H, H_kv = q.shape[1], k.shape[1]
+    H, H_kv, n, Lq, Lk = q.shape[1], k.shape[1], len(g.q_starts), g.Lq, g.Lk
     acc = _acc_dtype(q.dtype)
+    qi, ki = _rows(g.q_starts, Lq, q.device), _rows(g.k_starts, Lk, q.device)
     qb, dob, ob = (_gather(t, qi, n, Lq, H).to(acc) for t in (q, dout, out))
     kb, vb = _gather(k, ki, n, Lk, H).to(acc), _gather(v, ki, n, Lk, H).to(acc)
     m = lse[:, qi].to(acc).view(H, n, Lq).transpose(0, 1)
-    delta = (dob * ob).sum(-1, keepdim=True)
+    delta = (dob * ob).sum(-1, keepdim=True)  # = sum_j p_ij dp_ij with dropout too (ob is dropped)
+    window = _window(causal) if features is None else features.window
     dqb, dkb, dvb = [], torch.zeros_like(kb), torch.zeros_like(vb)
-    for rows, seen in _chunks(n, H, Lq, Lk, causal, q.device):  # dk, dv sum over the chunks
+    for rows, seen in _chunks(n, H, Lq, Lk, window, q.device):  # dk, dv sum over the chunks
+        x = None if features is None else features.chunk(g, rows, H, acc, q.device)
         seen_t = None if seen is None else seen.T
-        p = _probs(qb[:, :, rows], kb, m[:, :, rows], scale, seen)      # (n, H, rows, Lk)
-        dvb += _mm_seen(p.transpose(-1, -2), dob[:, :, rows], seen_t)
-        ds = p * (dob[:, :, rows] @ vb.transpose(-1, -2) - delta[:, :, rows])
+        p, t = _probs(qb[:, :, rows], kb, m[:, :, rows], scale, seen, x)    # (n, H, rows, Lk)
+        dp = dob[:, :, rows] @ vb.transpose(-1, -2)
+        if x is not None and x.keep is not None:  # the forward's mask, regenerated
+            dvb += _mm_seen((p * x.keep).transpose(-1, -2), dob[:, :, rows], seen_t)
+            dp = dp * x.keep
+        else:
+            dvb += _mm_seen(p.transpose(-1, -2), dob[:, :, rows], seen_t)
+        ds = p * (dp - delta[:, :, rows])
+        if t is not None:  # d(c tanh(s / c)) / ds
+            ds = ds * (1.0 - t * t)
         if seen is not None:
             ds = ds.masked_fill(~seen, 0.0)  # p = 0 there, but dp may be NaN (an unseen v)
         dqb.append(_mm_seen(ds, kb, seen) * scale)
@@ -348,11 +483,13 @@ def _exact_backward(dout, q, k, v, out, lse, qi, ki, n: int, Lq: int, Lk: int, s
             dvb.transpose(1, 2).reshape(n * Lk, H_kv, -1))
 
 
-def varlen_composite(q, k, v, cu_q, cu_k, scale: float, causal: bool) -> torch.Tensor:
+def varlen_composite(q, k, v, cu_q, cu_k, scale: float, causal: bool, *, window=(-1, -1), softcap: float = 0.0,
+                     alibi=None, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The forward as differentiable composite PyTorch ops with no in-place writes, for callers
     under ``torch.func`` transforms (vmap, grad, jvp), which cannot see through a custom op."""
+    features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     rows, outs = [], []
-    for qi, o, _ in _group_outputs(q, k, v, cu_q, cu_k, scale, causal, check=False):
+    for qi, o, _ in _group_outputs(q, k, v, cu_q, cu_k, scale, causal, False, features):
         rows.append(qi)
         outs.append(q.new_zeros(qi.numel(), *q.shape[1:]) if o is None else o.to(q.dtype))
     if not outs:
