@@ -242,7 +242,7 @@ void varlen_attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, 
                           int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h,
                           int64_t out_stride_t, int64_t out_stride_h, int64_t max_seqlen_q,
                           int64_t max_seqlen_k, double scale, bool causal, int dtype,
-                          uintptr_t stream) {
+                          uintptr_t stream, bool allow_tf32) {
   const char* fn = "varlen_attention_fwd";
   const DType dt = check_dtype(fn, dtype);
   check_varlen_sizes(fn, batch, total_q, total_k, H, H_kv, D, max_seqlen_q, max_seqlen_k, scale);
@@ -287,6 +287,7 @@ void varlen_attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, 
   p.out_sh = out_stride_h;
   p.scale = static_cast<float>(scale);
   p.causal = causal;
+  p.allow_tf32 = allow_tf32;
   p.dtype = dt;
   py::gil_scoped_release no_gil;
   launch_varlen_attention_fwd(p, as_stream(stream));
@@ -311,7 +312,7 @@ void varlen_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
                           int64_t dq_stride_h, int64_t dk_stride_t, int64_t dk_stride_h,
                           int64_t dv_stride_t, int64_t dv_stride_h, int64_t max_seqlen_q,
                           int64_t max_seqlen_k, double scale, bool causal, int dtype,
-                          uintptr_t stream) {
+                          uintptr_t stream, bool allow_tf32) {
   const char* fn = "varlen_attention_bwd";
   const DType dt = check_dtype(fn, dtype);
   check_varlen_sizes(fn, batch, total_q, total_k, H, H_kv, D, max_seqlen_q, max_seqlen_k, scale);
@@ -379,6 +380,7 @@ void varlen_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
   p.dv_sh = dv_stride_h;
   p.scale = static_cast<float>(scale);
   p.causal = causal;
+  p.allow_tf32 = allow_tf32;
   p.dtype = dt;
   py::gil_scoped_release no_gil;
   launch_varlen_attention_bwd(p, as_stream(stream));
@@ -407,7 +409,7 @@ int64_t gram_workspace_numel(int64_t B, int64_t T, int64_t D_in, int64_t D_out) 
 void per_sample_grad_gram(uintptr_t a, uintptr_t g, uintptr_t out, uintptr_t workspace, int64_t B,
                           int64_t T, int64_t D_in, int64_t D_out, int64_t a_stride_b,
                           int64_t a_stride_t, int64_t g_stride_b, int64_t g_stride_t, int dtype,
-                          uintptr_t stream) {
+                          uintptr_t stream, bool allow_tf32) {
   const char* fn = "per_sample_grad_gram";
   const DType dt = check_dtype(fn, dtype);
   check_gram_sizes(fn, B, T, D_in, D_out);
@@ -438,6 +440,7 @@ void per_sample_grad_gram(uintptr_t a, uintptr_t g, uintptr_t out, uintptr_t wor
   p.a_st = a_stride_t;
   p.g_sb = g_stride_b;
   p.g_st = g_stride_t;
+  p.allow_tf32 = allow_tf32;
   p.dtype = dt;
   py::gil_scoped_release no_gil;
   launch_per_sample_grad_gram(p, as_stream(stream));
@@ -490,12 +493,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_stride_h"), py::arg("v_stride_t"), py::arg("v_stride_h"),
         py::arg("out_stride_t"), py::arg("out_stride_h"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("scale"), py::arg("causal"), py::arg("dtype"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("allow_tf32") = false,
         "Packed (flash-attn varlen) attention forward. q, out: (total_q, H, D); k, v: (total_k, "
         "H_kv, D), H a multiple of H_kv; strides in elements, last dim contiguous; cu_seqlens_*: "
         "int32 (batch + 1,). causal: query i sees keys j <= i + len_k - len_q. Writes out and the "
         "fp32 (H, total_q) contiguous lse (natural log; -inf and out = 0 for rows without keys). "
-        "max_seqlen_* bound the lengths and only size the grid.");
+        "max_seqlen_* bound the lengths and only size the grid. Tile products: fp16 on tensor "
+        "cores (sm_70+), bf16 on tensor cores from sm_80 (FMA before); fp32 in tf32 on tensor "
+        "cores from sm_80 when allow_tf32 (not the backward at D > 128), else fp32 FMA.");
   m.def("varlen_attention_bwd_workspace_numel", &varlen_bwd_workspace_numel, py::arg("H"),
         py::arg("total_q"), "fp32 elements of workspace varlen_attention_bwd needs (H * total_q).");
   m.def("varlen_attention_bwd", &varlen_attention_bwd, py::arg("dout"), py::arg("q"), py::arg("k"),
@@ -508,11 +513,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dq_stride_t"), py::arg("dq_stride_h"), py::arg("dk_stride_t"),
         py::arg("dk_stride_h"), py::arg("dv_stride_t"), py::arg("dv_stride_h"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("causal"),
-        py::arg("dtype"), py::arg("stream"),
+        py::arg("dtype"), py::arg("stream"), py::arg("allow_tf32") = false,
         "Backward of varlen_attention_fwd from its out and lse: writes every element of dq "
         "(total_q, H, D), dk and dv (total_k, H_kv, D; summed over the query heads of each GQA "
         "group; 0 for keys no query attends). workspace: varlen_attention_bwd_workspace_numel(H, "
-        "total_q) fp32. Deterministic: no atomics.");
+        "total_q) fp32. Deterministic: no atomics. allow_tf32: as for varlen_attention_fwd.");
 
   m.def("per_sample_grad_gram_workspace_numel", &gram_workspace_numel, py::arg("B"), py::arg("T"),
         py::arg("D_in"), py::arg("D_out"),
@@ -521,11 +526,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("per_sample_grad_gram", &per_sample_grad_gram, py::arg("a"), py::arg("g"), py::arg("out"),
         py::arg("workspace"), py::arg("B"), py::arg("T"), py::arg("D_in"), py::arg("D_out"),
         py::arg("a_stride_b"), py::arg("a_stride_t"), py::arg("g_stride_b"), py::arg("g_stride_t"),
-        py::arg("dtype"), py::arg("stream"),
+        py::arg("dtype"), py::arg("stream"), py::arg("allow_tf32") = false,
         "One linear layer's empirical-NTK Gram: out[i, j] = <G_i, G_j>_F (float32 (B, B), "
         "contiguous) with G_i = g_i^T a_i = sum_t g[i, t, :] (x) a[i, t, :], for a (B, T, D_in) and "
         "g (B, T, D_out) (strides in elements, last dim contiguous), without storing any G_i. "
-        "fp32 accumulation; T == 0 writes zeros, B == 0 does nothing. workspace: "
+        "fp32 accumulation; tile products on tensor cores for fp16 (sm_70+), bf16 (sm_80+) and "
+        "fp32 with allow_tf32 (tf32, sm_80+), else fp32 FMA. T == 0 writes zeros, B == 0 does "
+        "nothing. workspace: "
         "per_sample_grad_gram_workspace_numel(B, T, D_in, D_out) fp32. Deterministic: no atomics; "
         "out is exactly symmetric.");
 }

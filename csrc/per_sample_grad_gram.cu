@@ -35,11 +35,12 @@ Plan make_plan(int64_t B, int64_t D_in, int64_t D_out) {
   return pl;
 }
 
-template <typename T>
+// kTc: tensor cores allowed (16-bit inputs always, fp32 with allow_tf32); the arch decides too.
+template <typename T, bool kTc>
 void gram_typed(const GramParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.nb), static_cast<unsigned>(p.nb),
                   static_cast<unsigned>(p.chunks));
-  psg_partial_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  psg_partial_kernel<T, kTc><<<grid, kThreads, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), "per_sample_grad_gram partial kernel launch");
   const dim3 rgrid(static_cast<unsigned>(ceil_div<int64_t>(p.B, kReduceX)),
                    static_cast<unsigned>(ceil_div<int64_t>(p.B, kReduceY)));
@@ -85,9 +86,10 @@ void launch_per_sample_grad_gram(const PerSampleGradGramArgs& args, cudaStream_t
   p.tiles_per_chunk = pl.tiles_per_chunk;
   p.chunks = pl.chunks;
   switch (args.dtype) {
-    case DType::kFloat32: return gram_typed<float>(p, stream);
-    case DType::kFloat16: return gram_typed<__half>(p, stream);
-    case DType::kBFloat16: return gram_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat32:
+      return args.allow_tf32 ? gram_typed<float, true>(p, stream) : gram_typed<float, false>(p, stream);
+    case DType::kFloat16: return gram_typed<__half, true>(p, stream);
+    case DType::kBFloat16: return gram_typed<__nv_bfloat16, true>(p, stream);
   }
   throw std::invalid_argument("asvit_kernels._C: dtype must be 0, 1 or 2");
 }

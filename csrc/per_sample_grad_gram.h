@@ -7,7 +7,9 @@
 // The G_i are never stored in global memory: only 32 x 32 tiles of them exist, in registers.
 //
 // Element strides: the feature dimension is contiguous; the batch (`*_sb`) and token (`*_st`)
-// strides are arbitrary (>= 0). All arithmetic is fp32, whatever the element type.
+// strides are arbitrary (>= 0). Accumulation is fp32 whatever the element type; the tile products
+// run on tensor cores for fp16 (sm_70+), bf16 (sm_80+) and fp32 with allow_tf32 (tf32, sm_80+),
+// else as fp32 FMA (see per_sample_grad_gram_kernels.cuh).
 // Arguments are validated by the caller (module.cpp); these functions only launch.
 #pragma once
 
@@ -30,6 +32,7 @@ struct PerSampleGradGramArgs {
   int64_t D_out;
   int64_t a_sb, a_st;
   int64_t g_sb, g_st;
+  bool allow_tf32;  // fp32 inputs: tile products in tf32 on tensor cores (sm_80+), else fp32 FMA
   DType dtype;
 };
 

@@ -1,6 +1,7 @@
 // Variable-length attention launchers: head-dim and dtype dispatch, grids, shared-memory opt-in,
 // and a cudaGetLastError check after every launch (failures are thrown as std::runtime_error).
 #include <algorithm>
+#include <type_traits>
 
 #include "varlen_attention.h"
 #include "varlen_attention_kernels.cuh"
@@ -26,63 +27,67 @@ dim3 tile_grid(int64_t max_seqlen, int tile, int64_t heads, int64_t batch) {
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int smem_floats, const VarlenAttnParams& p,
-            cudaStream_t stream, const char* what) {
-  const int smem = smem_floats * static_cast<int>(sizeof(float));
+void launch(Kernel kernel, dim3 grid, int smem, const VarlenAttnParams& p, cudaStream_t stream,
+            const char* what) {
   if (smem > kDefaultSmemBytes)
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
   kernel<<<grid, kThreads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), what);
 }
 
-template <typename T, int kD>
+// kTc: tensor cores allowed (16-bit inputs always; fp32 only with allow_tf32, as tf32). Whether
+// they are used also depends on the arch and the tiles: see varlen_attention_kernels.cuh.
+template <typename T, int kD, bool kTc>
 void fwd_typed(const VarlenAttnParams& p, cudaStream_t stream) {
-  static_assert(fwd_smem_floats<kD>() * 4 <= kMaxSmemBytes, "forward tiles exceed 64 KiB");
-  launch(varlen_fwd_kernel<T, kD>, tile_grid(p.max_seqlen_q, TileCfg<kD>::kFwdBM, p.H, p.batch),
-         fwd_smem_floats<kD>(), p, stream, "varlen_attention_fwd kernel launch");
+  static_assert(fwd_smem_bytes<T, kD>() <= kMaxSmemBytes, "forward tiles exceed 64 KiB");
+  launch(varlen_fwd_kernel<T, kD, kTc>, tile_grid(p.max_seqlen_q, FwdLayout<T, kD>::kBM, p.H, p.batch),
+         fwd_smem_bytes<T, kD>(), p, stream, "varlen_attention_fwd kernel launch");
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kTc>
 void bwd_typed(const VarlenAttnParams& p, cudaStream_t stream) {
-  static_assert(dq_smem_floats<kD>() * 4 <= kMaxSmemBytes, "dq tiles exceed 64 KiB");
-  static_assert(dkdv_smem_floats<kD>() * 4 <= kMaxSmemBytes, "dk/dv tiles exceed 64 KiB");
+  static_assert(dq_smem_bytes<T, kD>() <= kMaxSmemBytes, "dq tiles exceed 64 KiB");
+  static_assert(dkdv_smem_bytes<T, kD>() <= kMaxSmemBytes, "dk/dv tiles exceed 64 KiB");
   if (p.total_q > 0) {
     const int64_t warps = p.total_q * p.H;
-    const int64_t blocks = std::min(ceil_div<int64_t>(warps, kThreads / kWarpSize), kDeltaMaxBlocks);
+    const int64_t blocks = std::min(ceil_div<int64_t>(warps, kWarps), kDeltaMaxBlocks);
     varlen_bwd_delta_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "varlen_attention_bwd delta kernel launch");
-    launch(varlen_bwd_dq_kernel<T, kD>, tile_grid(p.max_seqlen_q, TileCfg<kD>::kDqBM, p.H, p.batch),
-           dq_smem_floats<kD>(), p, stream, "varlen_attention_bwd dq kernel launch");
+    launch(varlen_bwd_dq_kernel<T, kD, kTc>,
+           tile_grid(p.max_seqlen_q, DqLayout<T, kD>::kBM, p.H, p.batch), dq_smem_bytes<T, kD>(), p,
+           stream, "varlen_attention_bwd dq kernel launch");
   }
   if (p.total_k > 0)
-    launch(varlen_bwd_dkdv_kernel<T, kD>,
-           tile_grid(p.max_seqlen_k, TileCfg<kD>::kKvBN, p.H_kv, p.batch), dkdv_smem_floats<kD>(), p,
-           stream, "varlen_attention_bwd dk/dv kernel launch");
+    launch(varlen_bwd_dkdv_kernel<T, kD, kTc>,
+           tile_grid(p.max_seqlen_k, DkdvLayout<T, kD>::kBN, p.H_kv, p.batch),
+           dkdv_smem_bytes<T, kD>(), p, stream, "varlen_attention_bwd dk/dv kernel launch");
 }
 
-// Calls F<T, kD>(p, stream) for the dtype and the padded head dim of p.
-template <template <typename, int> class F>
+// Calls F<T, kD, kTc>(p, stream) for the dtype, the padded head dim and allow_tf32 of p.
+template <template <typename, int, bool> class F>
 void dispatch(const VarlenAttnParams& p, cudaStream_t stream) {
-  auto by_dim = [&](auto tag) {
+  auto by_dim = [&](auto tag, auto tc) {
     using T = decltype(tag);
-    if (p.D <= 32) return F<T, 32>::run(p, stream);
-    if (p.D <= 64) return F<T, 64>::run(p, stream);
-    if (p.D <= 128) return F<T, 128>::run(p, stream);
-    return F<T, 256>::run(p, stream);
+    constexpr bool kTc = decltype(tc)::value;
+    if (p.D <= 32) return F<T, 32, kTc>::run(p, stream);
+    if (p.D <= 64) return F<T, 64, kTc>::run(p, stream);
+    if (p.D <= 128) return F<T, 128, kTc>::run(p, stream);
+    return F<T, 256, kTc>::run(p, stream);
   };
   switch (p.dtype) {
-    case DType::kFloat32: return by_dim(float{});
-    case DType::kFloat16: return by_dim(__half{});
-    case DType::kBFloat16: return by_dim(__nv_bfloat16{});
+    case DType::kFloat32:
+      return p.allow_tf32 ? by_dim(float{}, std::true_type{}) : by_dim(float{}, std::false_type{});
+    case DType::kFloat16: return by_dim(__half{}, std::true_type{});
+    case DType::kBFloat16: return by_dim(__nv_bfloat16{}, std::true_type{});
   }
   throw std::invalid_argument("asvit_kernels._C: dtype must be 0, 1 or 2");
 }
 
-template <typename T, int kD> struct Fwd {
-  static void run(const VarlenAttnParams& p, cudaStream_t s) { fwd_typed<T, kD>(p, s); }
+template <typename T, int kD, bool kTc> struct Fwd {
+  static void run(const VarlenAttnParams& p, cudaStream_t s) { fwd_typed<T, kD, kTc>(p, s); }
 };
-template <typename T, int kD> struct Bwd {
-  static void run(const VarlenAttnParams& p, cudaStream_t s) { bwd_typed<T, kD>(p, s); }
+template <typename T, int kD, bool kTc> struct Bwd {
+  static void run(const VarlenAttnParams& p, cudaStream_t s) { bwd_typed<T, kD, kTc>(p, s); }
 };
 
 }  // namespace

@@ -55,6 +55,7 @@ struct VarlenAttnParams {
 
   float scale;
   bool causal;
+  bool allow_tf32;  // fp32 inputs: tile products in tf32 on tensor cores (sm_80+), else fp32 FMA
   DType dtype;
 };
 

@@ -321,3 +321,68 @@ def test_gpu_empty_and_keyless_batches(poison):
     out, lse = attention.varlen_forward(q, k, k, cu_q, cu_k, 0, 4, 0.25, True)
     dq, dk, dv = attention.varlen_backward(q, q, k, k, out, lse, cu_q, cu_k, 0, 4, 0.25, True)
     assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the tensor-core paths (fp16 WMMA from sm_70, bf16 and tf32 from sm_80) and the fp32 FMA path
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tf32(request):
+    """Sets torch.backends.cuda.matmul.allow_tf32 to the test's parameter, restores it after."""
+    import torch
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# tf32 keeps 10 mantissa bits (unit roundoff ~4.9e-4) in every tile product, P and dS included
+TF32_TOL = 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32-fma", "tf32"], indirect=True)
+@pytest.mark.parametrize("D", [16, 45, 128, 160, 256])
+def test_gpu_fp32_with_and_without_tf32(D, tf32, poison, monkeypatch):
+    # tf32 on: sm_80+ run tf32 WMMA (fwd at every D, backward up to 128) within TF32_TOL; off: the
+    # FMA path, which must keep fp32 accuracy even though the flag is only a hint elsewhere.
+    import torch
+    if tf32 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tf32 needs sm_80")
+    if tf32:
+        monkeypatch.setitem(TOL, "float32", TF32_TOL)
+    for n, (lens_q, lens_k) in enumerate(LENS):
+        _check(lens_q, lens_k, 4, 2, D, "float32", n == 0, seed=D * 3 + n)
+
+
+@gpu
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [1, 32, 33, 96, 128, 200])
+def test_gpu_tensor_core_tiles_all_head_dims(D, dtype_name, poison):
+    # every padded width (32, 64, 128, 256) and ragged D, where the WMMA K loop runs to D rounded up
+    # to 16 over zero padding
+    _check([3, 100, 16, 47], [3, 90, 33, 47], 6, 2, D, dtype_name, True, seed=D)
+
+
+@gpu
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_gpu_nonfinite_reaches_only_the_rows_that_see_it(dtype_name, poison):
+    # A NaN in key 5 of sequence 0 (causal, len 40) and an inf in v of key 9: only sequence 0's
+    # queries >= 5 (resp. >= 9) may turn non-finite, in out and dq; dk/dv only for the keys those
+    # queries' gradients reach (all of sequence 0's keys <= their row). Sequence 1 stays finite.
+    import torch
+    from asvit_kernels.cuda_backend import attention
+    dtype = getattr(torch, dtype_name)
+    lens = [40, 70]
+    q, k, v, dout, cu_q, cu_k = _make(lens, lens, 2, 2, 64, dtype, seed=9)
+    k = k.clone()
+    v = v.clone()
+    k[5, 0, 3] = float("nan")
+    v[9, 1, 7] = float("inf")
+    out, lse = attention.varlen_forward(q, k, v, cu_q, cu_k, 70, 70, 0.125, True)
+    dq, dk, dv = attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 70, 70, 0.125, True)
+    assert torch.isfinite(out[40:]).all() and torch.isfinite(dq[40:]).all()
+    assert torch.isfinite(dk[40:]).all() and torch.isfinite(dv[40:]).all()
+    assert torch.isfinite(out[:5, 0]).all() and torch.isfinite(lse[0, :5]).all()
+    assert torch.isfinite(out[:9, 1]).all() and torch.isfinite(dq[:5, 0]).all()
+    assert not torch.isfinite(out[5:40, 0]).all(dim=-1).any(), "rows that see the NaN key"

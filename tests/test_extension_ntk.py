@@ -9,6 +9,7 @@ import zlib
 import pytest
 
 from _ext_util import HAS_DEVICE, C, gpu, needs_ext, needs_no_device  # noqa: F401
+from test_extension_attention import tf32  # noqa: F401  (the allow_tf32 fixture)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,3 +224,40 @@ def test_gpu_wrapper_rejects_bad_layouts():
         ntk.per_sample_grad_gram(a[0], g)
     with pytest.raises(ValueError, match="must be on a CUDA device"):
         ntk.per_sample_grad_gram(a.cpu(), g.cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the tensor-core paths (fp16 WMMA from sm_70, bf16 and tf32 from sm_80) and the fp32 FMA path
+# ------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32-fma", "tf32"], indirect=True)
+@pytest.mark.parametrize("B,T,D_in,D_out", [(9, 9, 31, 65), (17, 70, 45, 33), (64, 197, 96, 72)])
+def test_gpu_fp32_with_and_without_tf32(B, T, D_in, D_out, tf32, poison):
+    # off: fp32 FMA, fp32 accuracy. On (sm_80+): inputs rounded to tf32 (10 mantissa bits) in the
+    # tile products, whose errors are uncorrelated with G, so K's stay well below one rounding unit.
+    import torch
+    from asvit_kernels.cuda_backend import ntk
+    if tf32 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tf32 needs sm_80")
+    a, g = _make(B, T, D_in, D_out, torch.float32, "padded", _seed(B, T, D_in, D_out, tf32))
+    K = ntk.per_sample_grad_gram(a, g)
+    err = _rel(K, _reference(a, g))
+    tol = 5e-4 if tf32 else 2e-5
+    assert err <= tol, f"max error {err:.3g} (relative to max |K|) > {tol}"
+    assert torch.equal(K, K.T)
+
+
+@gpu
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_gpu_nonfinite_sample_reaches_only_its_row_and_column(dtype_name, poison):
+    # samples share staging tiles and tensor-core passes; a NaN of sample 3 must stay in K[3, :]
+    # and K[:, 3]
+    import torch
+    from asvit_kernels.cuda_backend import ntk
+    a, g = _make(12, 20, 40, 36, getattr(torch, dtype_name), "contiguous", seed=3)
+    a = a.clone()
+    a[3, 7, 11] = float("nan")
+    K = ntk.per_sample_grad_gram(a, g)
+    bad = torch.zeros(12, 12, dtype=torch.bool, device=K.device)
+    bad[3, :] = bad[:, 3] = True
+    assert torch.isnan(K[bad]).all() and torch.isfinite(K[~bad]).all()

@@ -3,7 +3,11 @@ weight gradients G_i = g_i^T a_i, never materialised (only 32 x 32 tiles of them
 
 Inputs arrive on one CUDA device with a contiguous last dimension (batch and token strides are free);
 the checks below are cheap (no host sync) and exist because a wrong layout would otherwise be read
-silently. fp32 accumulation whatever the input dtype; deterministic; K is exactly symmetric."""
+silently. fp32 accumulation whatever the input dtype; deterministic; K is exactly symmetric.
+
+Tile products of G: fp16 on tensor cores (sm_70+), bf16 on tensor cores from sm_80 (fp32 FMA on
+sm_70/75), fp32 as tf32 on tensor cores from sm_80 when ``torch.backends.cuda.matmul.allow_tf32``
+is set, else the fp32 FMA path."""
 from __future__ import annotations
 
 import torch
@@ -54,5 +58,6 @@ def per_sample_grad_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     with torch.cuda.device(a.device):
         _ext.C.per_sample_grad_gram(
             a.data_ptr(), g.data_ptr(), out.data_ptr(), ws.data_ptr(), B, T, D_in, D_out, a.stride(0),
-            a.stride(1), g.stride(0), g.stride(1), _DTYPE_CODE[a.dtype], _stream(a.device))
+            a.stride(1), g.stride(0), g.stride(1), _DTYPE_CODE[a.dtype], _stream(a.device),
+            bool(torch.backends.cuda.matmul.allow_tf32))
     return out
