@@ -1,16 +1,23 @@
-"""Sub-network forward+backward through ``elastic_linear`` against (a) a dense standalone
-``nn.Linear`` of the sub-network's shape and (b) copy-slicing the shared weight (what OFA and ViTAS
-do: ``weight[:o, :i].contiguous()``, or an index gather for wrapped/cyclic ranges).
+"""Sub-network forward+backward through ``elastic_linear`` / ``elastic_layer_norm`` against (a) a
+dense standalone ``nn.Linear`` / ``nn.LayerNorm`` of the sub-network's shape and (b) copy-slicing
+the shared parameters (what OFA and ViTAS do: ``weight[:o, :i].contiguous()``, or an index gather
+for wrapped/cyclic ranges).
 
-    python bench/elastic.py                # CPU, torch backend
-    python bench/elastic.py --device cuda  # GPU: torch and triton backends
+    python bench/elastic.py                    # CPU, torch backend
+    python bench/elastic.py --threads 1 --timer thread   # one thread, thread CPU time (loaded machine)
+    python bench/elastic.py --device cuda      # GPU: torch and triton backends
 
-Prints a table and writes bench/results/elastic_<machine>.{json,md}.
+Each row times its methods in --rounds interleaved rounds and reports the median round, so a load
+change during the run hits every method alike; the machine load (``os.getloadavg``) before and after
+goes into the table header. Prints a table and writes bench/results/elastic_<tag>_<machine>.{json,md}
+(tag: the date by default, so earlier results stay).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +38,39 @@ def fwd_bwd(f, params, x, dy):
     return step
 
 
-def bench_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, min_run_time):
+def thread_time_ms(fn, min_run_time: float = 0.5) -> float:
+    """Fastest batch of ``fn()`` in this thread's CPU time (ms): with one thread, a loaded machine
+    slows it far less than wall time (it does not count time spent descheduled)."""
+    fn()
+    best, end = float("inf"), time.perf_counter() + min_run_time
+    while time.perf_counter() < end:
+        t0 = time.thread_time()
+        for _ in range(3):
+            fn()
+        best = min(best, (time.thread_time() - t0) / 3 * 1e3)
+    return best
+
+
+def timed_rows(row: dict, methods: dict, timer, min_run_time: float, rounds: int, backend_list) -> dict:
+    """Median over interleaved rounds of each method's time; ratios against dense and copy-slicing."""
+    times = {k: [] for k in methods}
+    for _ in range(rounds):
+        for k, fn in methods.items():
+            times[k].append(timer(fn, min_run_time))
+    for k, v in times.items():
+        row[f"{k}_ms"] = sorted(v)[len(v) // 2]
+    for be in backend_list:
+        t = row[f"elastic_{be}_ms"]
+        row[f"{be}_vs_dense"] = t / row["dense_ms"]
+        row[f"{be}_vs_copy"] = t / row["copy_slice_ms"]
+    return row
+
+
+def kind(offsets_zero: bool, wraps: bool) -> str:
+    return "wrapped" if wraps else ("first-k" if offsets_zero else "offset")
+
+
+def linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, timer, min_run_time, rounds):
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(C_out, C_in, generator=g).to(device, dtype).requires_grad_()
     b = torch.randn(C_out, generator=g).to(device, dtype).requires_grad_()
@@ -47,17 +86,31 @@ def bench_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, mi
     else:
         copy_slice = lambda x: F.linear(  # noqa: E731
             x, w[out_r[0]:out_r[0] + o_w, in_r[0]:in_r[0] + i_w].contiguous(), b[out_r[0]:out_r[0] + o_w])
-    row = {"tokens": tokens, "full": f"{C_out}x{C_in}", "sub": f"{o_w}x{i_w}",
-           "ranges": "wrapped" if wraps else ("first-k" if in_r[0] == out_r[0] == 0 else "offset"),
-           "dense_ms": harness.time_ms(fwd_bwd(dense, list(dense.parameters()), x, dy), min_run_time),
-           "copy_slice_ms": harness.time_ms(fwd_bwd(copy_slice, [w, b], x, dy), min_run_time)}
+    methods = {"dense": fwd_bwd(dense, list(dense.parameters()), x, dy), "copy_slice": fwd_bwd(copy_slice, [w, b], x, dy)}
     for be in backend_list:
         f = lambda x, be=be: ak.elastic_linear(x, w, b, in_r, out_r, backend=be)  # noqa: E731
-        t = harness.time_ms(fwd_bwd(f, [w, b], x, dy), min_run_time)
-        row[f"elastic_{be}_ms"] = t
-        row[f"{be}_vs_dense"] = t / row["dense_ms"]
-        row[f"{be}_vs_copy"] = t / row["copy_slice_ms"]
-    return row
+        methods[f"elastic_{be}"] = fwd_bwd(f, [w, b], x, dy)
+    row = {"op": "linear", "tokens": tokens, "full": f"{C_out}x{C_in}", "sub": f"{o_w}x{i_w}",
+           "ranges": kind(in_r[0] == out_r[0] == 0, wraps)}
+    return timed_rows(row, methods, timer, min_run_time, rounds, backend_list)
+
+
+def layer_norm_case(device, dtype, tokens, C, r, backend_list, timer, min_run_time, rounds):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
+    b = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
+    x = torch.randn(tokens, r[1], generator=g).to(device, dtype)
+    dy = torch.randn(tokens, r[1], generator=g).to(device, dtype)
+    dense = torch.nn.LayerNorm(r[1], device=device, dtype=dtype)
+    idx = ak.channel_indices(r, C, device)
+    copy_slice = lambda x: F.layer_norm(x, (r[1],), w[idx], b[idx])  # noqa: E731
+    methods = {"dense": fwd_bwd(dense, list(dense.parameters()), x, dy), "copy_slice": fwd_bwd(copy_slice, [w, b], x, dy)}
+    for be in backend_list:
+        f = lambda x, be=be: ak.elastic_layer_norm(x, w, b, r, backend=be)  # noqa: E731
+        methods[f"elastic_{be}"] = fwd_bwd(f, [w, b], x, dy)
+    row = {"op": "layer_norm", "tokens": tokens, "full": f"{C}", "sub": f"{r[1]}",
+           "ranges": kind(r[0] == 0, r[0] + r[1] > C)}
+    return timed_rows(row, methods, timer, min_run_time, rounds, backend_list)
 
 
 def main(argv=None):
@@ -68,9 +121,19 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=384, help="supernet embed dim; the layer is (4*dim, dim)")
     ap.add_argument("--backends", default=None, help="comma list (default: what runs here, interpreter excluded)")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--timer", choices=("wall", "thread"), default="wall",
+                    help="wall: harness.time_ms (median wall ms); thread: this thread's CPU time (one thread)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row (median taken)")
+    ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"), help="result file tag (default today's date)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.timer == "thread" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--timer thread measures one CPU thread: use it with --device cpu --threads 1")
+    timer = thread_time_ms if args.timer == "thread" else harness.time_ms
     device = args.device
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     tokens = args.tokens or (8 * 197 if device == "cpu" else 64 * 197)
@@ -79,6 +142,7 @@ def main(argv=None):
     else:  # interpreted Triton is a correctness tool, not something to time
         backend_list = [b for b in backends.available("elastic_linear", torch.device(device), dtype)
                         if not (b == "triton" and device == "cpu")]
+    load_before = os.getloadavg()
     C_in, C_out = args.dim, 4 * args.dim
     rows = []
     for frac in (0.5, 0.75, 1.0):
@@ -87,16 +151,28 @@ def main(argv=None):
         if frac < 1.0:  # cyclic sharing: a range that wraps past the end in both dims
             cases.append(((C_in - i_w // 2, i_w), (C_out - o_w // 3, o_w)))
         for in_r, out_r in cases:
-            rows.append(bench_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, args.min_run_time))
+            rows.append(linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, timer,
+                                    args.min_run_time, args.rounds))
             print(harness.table(rows[-1:], list(rows[-1])), flush=True)
+        ln_cases = [(0, i_w)] + ([(C_in - i_w // 2, i_w)] if frac < 1.0 else [])
+        for r in ln_cases:
+            rows.append(layer_norm_case(device, dtype, tokens, C_in, r, backend_list, timer, args.min_run_time,
+                                        args.rounds))
+            print(harness.table(rows[-1:], list(rows[-1])), flush=True)
+    load_after = os.getloadavg()
     info = harness.machine(device)
     info["dtype"] = str(dtype).replace("torch.", "")
+    info["load_before"], info["load_after"] = load_before, load_after
     cols = list(rows[0])
     print("\n" + harness.table(rows, cols))
     if not args.no_write:
-        notes = (f"Forward+backward of one sub-network linear layer, {info['dtype']}, median ms. "
-                 f"*_vs_dense / *_vs_copy: elastic time over the baseline's (lower is better).")
-        paths = harness.write("elastic", info, rows, cols, notes)
+        load = "/".join(f"{v:.1f}" for v in load_before) + " before, " + "/".join(f"{v:.1f}" for v in load_after)
+        notes = (f"Machine load (1/5/15-min load average) {load} after, on {os.cpu_count()} cores; timer: "
+                 f"{'wall-clock median (harness.time_ms)' if args.timer == 'wall' else 'thread CPU time, fastest batch'}"
+                 f", median of {args.rounds} interleaved rounds. Forward+backward of one sub-network linear layer / "
+                 f"LayerNorm, {info['dtype']}, ms. *_vs_dense / *_vs_copy: elastic time over the baseline's "
+                 f"(lower is better; goals: <= 1.05 vs dense on first-k, <= 1.0 vs copy on wrapped).")
+        paths = harness.write(f"elastic_{args.tag}", info, rows, cols, notes)
         print("wrote", *paths)
 
 

@@ -77,6 +77,15 @@ def _channels(param: Tensor, r: Range) -> Tensor:
     return torch.cat([param[..., o:], param[..., :w - (C - o)]], -1)
 
 
+def _patches(x: Tensor, p: int) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, (H/p)(W/p), C*p*p)`` in ``F.unfold``'s order (channel, row, column
+    within a patch; patches row-major): one reshape/permute copy, about 5x cheaper on a CPU than
+    unfold's im2col (thread CPU time, batch 8, 112 px, patch 16, one thread)."""
+    B, C, H, W = x.shape
+    t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return t.reshape(B, (H // p) * (W // p), C * p * p)
+
+
 class ElasticAttention(nn.Module):
     """Multi-head self-attention over ranges of shared projections, ``(B, N, d) -> (B, N, d)``.
 
@@ -342,8 +351,7 @@ class ElasticViT(DropPathRate, nn.Module):
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
         B = x.shape[0]
-        # Unfold keeps the batch leading and makes the patch projection one elastic linear layer.
-        t = self.patch_embed[key](F.unfold(x, p, stride=p).transpose(1, 2))
+        t = self.patch_embed[key](_patches(x, p))
         grid = self.img_size // p
         pos = resample_pos_embed(_channels(self.pos_embed[key], e), (grid, grid), (H // p, W // p), 1)
         t = torch.cat([_channels(self.cls_token[key], e).expand(B, -1, -1), t], 1) + pos

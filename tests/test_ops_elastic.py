@@ -245,3 +245,56 @@ def test_fp32_precision_follows_allow_tf32():
         assert gm._input_precision(torch.bfloat16) == "ieee"  # half types: tensor cores whatever the switch
     finally:
         mm.allow_tf32 = before
+
+
+# ----------------------------------------------------------------------------- CPU fast paths
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_torch_linear_multi_run_paths(gather, monkeypatch, poison):
+    """Ranges of several runs: one matmul on the gathered block (default) and per-run matmuls on
+    views; single-run ranges are dense F.linear on views either way."""
+    from asvit_kernels.torch_backend import elastic as tb
+    monkeypatch.setattr(tb, "GATHER_PIECES", gather)
+    cases = [((40, 20), [(4, 20), (48, 20), (140, 8)]), ((130, 40), (130, 30)), ((0, 30), (0, 60)),
+             ((7, 1), (143, 1))]
+    for n, (in_r, out_r) in enumerate(cases):
+        for dtype in (torch.float32, torch.float64):
+            run_linear("cpu", "torch", dtype, 144, 150, in_r, out_r, (3, 41), n % 2 == 0, n)
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_linear"))
+def test_custom_op_path_matches_reference(device, backend, monkeypatch, poison):
+    """The torch.library custom ops (what torch.compile and dispatch modes get) give the same
+    results as the eager autograd.Function path the tests above run."""
+    from asvit_kernels.ops import elastic as ops_elastic
+    monkeypatch.setattr(ops_elastic, "_eager", lambda: False)
+    run_linear(device, backend, torch.float32, 96, 80, (60, 40), [(0, 24), (90, 6)], (2, 33), True, 1)
+    run_layer_norm(device, backend, torch.float32, 64, (50, 40), (3, 20), True, 2)
+
+
+def test_eager_path_only_outside_dispatch_modes():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asvit_kernels.ops import elastic as ops_elastic
+    assert ops_elastic._eager()
+    with FlopCounterMode(display=False):
+        assert not ops_elastic._eager()  # the custom op runs, so its FLOP formula counts
+
+
+@pytest.mark.parametrize("device,backend", cases("elastic_layer_norm"))
+def test_elastic_layer_norm_empty_batch(device, backend):
+    w = torch.randn(8, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    x = torch.randn(0, 5, device=device, requires_grad=True)
+    y = ak.elastic_layer_norm(x, w, b, (6, 5), backend=backend)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert w.grad.abs().sum() == 0 and b.grad.abs().sum() == 0 and x.grad.shape == (0, 5)
+
+
+def test_layer_norm_non_finite_rows_stay_in_their_rows():
+    w, b = torch.randn(10), torch.randn(10)
+    x = torch.randn(4, 6)
+    x[1, 2], x[3, 0] = float("nan"), float("inf")
+    y = ak.elastic_layer_norm(x, w, b, (7, 6))
+    assert torch.isfinite(y[[0, 2]]).all() and torch.isnan(y[[1, 3]]).any(1).all()

@@ -50,7 +50,7 @@ class ElasticLinear(nn.Module):
         return total_width(self.out_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return elastic_linear(x, self.weight, self.bias, self.in_range, list(self.out_range), backend=self.backend)
+        return elastic_linear(x, self.weight, self.bias, self.in_range, self.out_range, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -2,10 +2,15 @@
 supernet's shared parameters, with no copy of the used weight block in either direction.
 
 Each op is a ``torch.library`` custom op (fake impl for ``torch.compile``, autograd through a
-backward custom op) whose body dispatches to the backend chosen by ``backends.pick``.
+backward custom op) whose body dispatches to the backend chosen by ``backends.pick``. In plain
+eager mode (not compiling, no dispatch mode such as FakeTensorMode or FlopCounterMode active) the
+same bodies run under a ``torch.autograd.Function`` instead: the custom op's Python dispatch and
+autograd wrapper cost about 0.4 ms per layer per training step on a CPU (torch.profiler), more
+than a small sub-network's matmuls.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -18,8 +23,10 @@ Tensor = torch.Tensor
 
 
 # Backend modules are imported on first use, so TRITON_INTERPRET set after ``import asvit_kernels``
-# still counts and a missing Triton costs nothing until asked for.
+# still counts and a missing Triton costs nothing until asked for; cached, since an import
+# statement per call costs more than a small layer's arithmetic.
 
+@functools.lru_cache(maxsize=None)
 def _linear_impl(backend: str):
     """(forward, backward) of the elastic linear layer for ``backend``."""
     if backend == "triton":
@@ -29,6 +36,7 @@ def _linear_impl(backend: str):
     return m.linear_forward, m.linear_backward
 
 
+@functools.lru_cache(maxsize=None)
 def _layer_norm_impl(backend: str):
     """(forward, backward) of the elastic LayerNorm for ``backend``."""
     if backend == "triton":
@@ -62,14 +70,31 @@ def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
 
 # ----------------------------------------------------------------------------- elastic_linear
 
-@torch.library.custom_op("asvit::elastic_linear", mutates_args=())
+def _eager() -> bool:
+    """Plain eager autograd: the custom op adds nothing there (see the module doc)."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 @_autocast.off
+def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_r, out_r, backend: str) -> Tensor:
+    forward, _ = _linear_impl(backend)
+    y = forward(_rows(x, x.shape[-1]), weight, bias, in_r, out_r)
+    return y.reshape(*x.shape[:-1], total_width(out_r))
+
+
+@_autocast.off
+def _linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, in_r, out_r, backend: str, need_dx: bool, need_dw: bool,
+                need_db: bool):
+    _, backward = _linear_impl(backend)
+    dx, dw, db = backward(_rows(dy, dy.shape[-1]), _rows(x, x.shape[-1]), weight, in_r, out_r, need_dx, need_dw,
+                          need_db)
+    return (None if dx is None else dx.reshape(x.shape)), dw, db
+
+
+@torch.library.custom_op("asvit::elastic_linear", mutates_args=())
 def _elastic_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_range: list[int],
                        out_ranges: list[int], backend: str) -> Tensor:
-    out_r = _pairs(out_ranges)
-    forward, _ = _linear_impl(backend)
-    y = forward(_rows(x, x.shape[-1]), weight, bias, _pairs(in_range), out_r)
-    return y.reshape(*x.shape[:-1], total_width(out_r))
+    return _linear_fwd(x, weight, bias, _pairs(in_range), _pairs(out_ranges), backend)
 
 
 @_elastic_linear_op.register_fake
@@ -78,14 +103,12 @@ def _(x, weight, bias, in_range, out_ranges, backend):
 
 
 @torch.library.custom_op("asvit::elastic_linear_backward", mutates_args=())
-@_autocast.off
 def _elastic_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_range: list[int],
                                 out_ranges: list[int], backend: str, need_dx: bool, need_dw: bool,
                                 need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _linear_impl(backend)
-    dx, dw, db = backward(_rows(dy, dy.shape[-1]), _rows(x, x.shape[-1]), weight, _pairs(in_range), _pairs(out_ranges),
-                    need_dx, need_dw, need_db)
-    return _or_empty(None if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
+    dx, dw, db = _linear_bwd(dy, x, weight, _pairs(in_range), _pairs(out_ranges), backend, need_dx, need_dw,
+                             need_db)
+    return _or_empty(dx, x), _or_empty(dw, x), _or_empty(db, x)
 
 
 @_elastic_linear_backward_op.register_fake
@@ -111,6 +134,23 @@ def _linear_backward(ctx, dy):
 
 
 _elastic_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+class _EagerLinear(torch.autograd.Function):
+    """The same forward and backward bodies as the custom op, without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, in_r, out_r, backend):
+        ctx.save_for_backward(x, weight)
+        ctx.args, ctx.has_bias = (in_r, out_r, backend), bias is not None
+        return _linear_fwd(x, weight, bias, in_r, out_r, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = _linear_bwd(dy, x, weight, *ctx.args, need_dx, need_dw, need_db and ctx.has_bias)
+        return dx, dw, db, None, None, None
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_range: RangeLike = None,
@@ -147,6 +187,8 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
     if _transforms.active():
         from ..reference.elastic import elastic_linear as composite
         return composite(x, weight, bias, in_r, list(out_r))
+    if _eager():
+        return _EagerLinear.apply(x, weight, bias, (in_r,), out_r, impl)
     return _elastic_linear_op(x, weight, bias, list(in_r), _flat(out_r), impl)
 
 
@@ -156,14 +198,28 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("asvit::elastic_layer_norm", mutates_args=())
 @_autocast.off
-def _elastic_layer_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset: int, eps: float,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _ln_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset: int, eps: float, backend: str):
     forward, _ = _layer_norm_impl(backend)
     y, mean, rstd = forward(_rows(x, x.shape[-1]), weight.contiguous(),
-                       None if bias is None else bias.contiguous(), offset, eps)
+                            None if bias is None else bias.contiguous(), offset, eps)
     return y.reshape(x.shape), mean, rstd
+
+
+@_autocast.off
+def _ln_bwd(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mean: Tensor, rstd: Tensor, offset: int,
+            backend: str, need_dx: bool, need_dwb: bool):
+    _, backward = _layer_norm_impl(backend)
+    width = x.shape[-1]
+    dx, dw, db = backward(_rows(dy, width), _rows(x, width), weight.contiguous(), has_bias, mean, rstd, offset,
+                          need_dx, need_dwb)
+    return (None if dx is None else dx.reshape(x.shape)), dw, db
+
+
+@torch.library.custom_op("asvit::elastic_layer_norm", mutates_args=())
+def _elastic_layer_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset: int, eps: float,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _ln_fwd(x, weight, bias, offset, eps, backend)
 
 
 @_elastic_layer_norm_op.register_fake
@@ -174,15 +230,11 @@ def _(x, weight, bias, offset, eps, backend):
 
 
 @torch.library.custom_op("asvit::elastic_layer_norm_backward", mutates_args=())
-@_autocast.off
 def _elastic_layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mean: Tensor,
                                     rstd: Tensor, offset: int, backend: str, need_dx: bool,
                                     need_dwb: bool) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _layer_norm_impl(backend)
-    width = x.shape[-1]
-    dx, dw, db = backward(_rows(dy, width), _rows(x, width), weight.contiguous(), has_bias, mean, rstd, offset,
-                    need_dx, need_dwb)
-    return _or_empty(None if dx is None else dx.reshape(x.shape), x), _or_empty(dw, x), _or_empty(db, x)
+    dx, dw, db = _ln_bwd(dy, x, weight, has_bias, mean, rstd, offset, backend, need_dx, need_dwb)
+    return _or_empty(dx, x), _or_empty(dw, x), _or_empty(db, x)
 
 
 @_elastic_layer_norm_backward_op.register_fake
@@ -211,6 +263,24 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 
 _elastic_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+class _EagerLayerNorm(torch.autograd.Function):
+    """The same bodies as the custom op, without its dispatch; returns y only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, offset, eps, backend):
+        y, mean, rstd = _ln_fwd(x, weight, bias, offset, eps, backend)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.args, ctx.has_bias = (offset, backend), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = _ln_bwd(dy, x, weight, ctx.has_bias, mean, rstd, *ctx.args, need_dx, need_dw or need_db)
+        return dx, (dw if need_dw else None), (db if need_db else None), None, None, None
 
 
 def _layer_norm_limits(width: int):
@@ -255,4 +325,6 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
     if _transforms.active():
         from ..reference.elastic import elastic_layer_norm as composite
         return composite(x, weight, bias, (offset, width), eps)
+    if _eager():
+        return _EagerLayerNorm.apply(x, weight, bias, offset, eps, impl)
     return _elastic_layer_norm_op(x, weight, bias, offset, eps, impl)[0]
