@@ -25,10 +25,19 @@ you have one); ``softmax_scale`` and ``dropout_p`` as any real number or one-ele
 ``causal`` as a bool, an int, ``np.bool_`` or a one-element tensor. Other types raise ``TypeError``
 naming the argument.
 
+flash-attn's features pass through to ``asvit_kernels.varlen_attention`` (see its docstring and
+the float64 reference ``reference.attention.varlen_attention_features``): ``window_size``
+(left, right) local attention, ``softcap``, ``alibi_slopes`` ((H,) or (batch, H) float32) and
+``dropout_p`` in [0, 1) (the seed is drawn from torch's default generator of q's device; the
+mask comes from our backend's own RNG, not flash-attn's Philox stream, so outputs under dropout
+match flash-attn in distribution, not bit for bit). The CUDA extension backend implements none of
+them: such calls run on Triton or torch. With ``return_attn_probs=True`` and dropout the result
+is still ``(out, softmax_lse, None)``: the dropout mask is not returned (flash-attn returns it
+for testing only; ``dropout_keep_mask`` of a backend module gives ours).
+
 ``deterministic`` is accepted and changes nothing: every backward here is deterministic (no
-atomics). Options not implemented raise ``NotImplementedError`` naming the option, never ignored:
-``window_size != (-1, -1)``, ``softcap != 0``, ``alibi_slopes``, ``block_table`` (paged KV) and
-``dropout_p > 0``. ``flash_attn_with_kvcache`` (decoding-time KV-cache API) is not provided.
+atomics). ``block_table`` (paged KV) raises ``NotImplementedError``, never ignored.
+``flash_attn_with_kvcache`` (decoding-time KV-cache API) is not provided.
 """
 from __future__ import annotations
 
@@ -92,26 +101,27 @@ def _as_bool(v, name: str) -> bool:
     return bool(v)
 
 
-def _options(func: str, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-             return_attn_probs, block_table=None) -> tuple[Optional[float], bool, bool]:
-    """Normalized (softmax_scale, causal, return_attn_probs); unimplemented options refused."""
-    p = _as_float(dropout_p, "dropout_p")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{func}: dropout_p must be in [0, 1], got {p}")
+def _as_window(window_size, func: str) -> tuple[int, int]:
     try:
-        left, right = (int(w) for w in window_size)
+        left, right = window_size
     except (TypeError, ValueError):
         raise TypeError(f"{func}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
-    refused = [(p != 0.0, f"dropout_p={p} (attention dropout)"),
-               ((left, right) != (-1, -1), f"window_size={(left, right)} (local attention)"),
-               (_as_float(softcap, "softcap") != 0.0, f"softcap={softcap}"),
-               (alibi_slopes is not None, "alibi_slopes"), (block_table is not None, "block_table (paged KV)")]
-    for bad, what in refused:
-        if bad:
-            raise NotImplementedError(f"asvit_kernels.compat.{func}: {what} is not supported")
-    _as_bool(deterministic, "deterministic")  # accepted: the backward is always deterministic
+    return _as_int(left, "window_size"), _as_int(right, "window_size")
+
+
+def _options(func: str, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+             return_attn_probs, block_table=None) -> tuple[dict, bool]:
+    """The op's keyword arguments (scalars normalized) and return_attn_probs; paged KV refused."""
+    if block_table is not None:
+        raise NotImplementedError(f"asvit_kernels.compat.{func}: block_table (paged KV) is not supported")
+    left, right = _as_window(window_size, func)
+    if left is None or right is None:
+        raise TypeError(f"{func}: window_size must be a pair of ints (left, right), got {window_size!r}")
     scale = None if softmax_scale is None else _as_float(softmax_scale, "softmax_scale")
-    return scale, _as_bool(causal, "causal"), _as_bool(return_attn_probs, "return_attn_probs")
+    kw = dict(dropout_p=_as_float(dropout_p, "dropout_p"), softmax_scale=scale, causal=_as_bool(causal, "causal"),
+              window_size=(left, right), softcap=_as_float(softcap, "softcap"), alibi_slopes=alibi_slopes,
+              deterministic=_as_bool(deterministic, "deterministic"))
+    return kw, _as_bool(return_attn_probs, "return_attn_probs")
 
 
 def _check_layout(t, name: str, shape: str, ndim: int) -> Tensor:
@@ -132,10 +142,10 @@ def _packed(t: Tensor, name: str, axis: int, count: int) -> tuple[Tensor, ...]:
 
 def _varlen(func, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
             alibi_slopes, deterministic, return_attn_probs, block_table=None):
-    scale, causal, probs = _options(func, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                    deterministic, return_attn_probs, block_table)
+    kw, probs = _options(func, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                         deterministic, return_attn_probs, block_table)
     res = varlen_attention(q, k, v, cu_q, cu_k, _as_int(max_q, "max_seqlen_q"), _as_int(max_k, "max_seqlen_k"),
-                           0.0, scale, causal, return_lse=probs)
+                           return_lse=probs, **kw)
     return (res[0], res[1], None) if probs else res
 
 
@@ -177,8 +187,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 def _padded(func, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
             return_attn_probs):
     """(B, N, H, D) batches run as B equal-length packed sequences: uniform offsets, no host sync."""
-    scale, causal, probs = _options(func, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                    deterministic, return_attn_probs)
+    kw, probs = _options(func, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                         deterministic, return_attn_probs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_layout(t, name, "(batch, seqlen, heads, head_dim)", 4)
     (B, N, H, D), N_k = q.shape, k.shape[1]
@@ -187,7 +197,7 @@ def _padded(func, q, k, v, dropout_p, softmax_scale, causal, window_size, softca
     offsets = torch.arange(B + 1, device=q.device, dtype=torch.int32)
     cu_q, cu_k = offsets * N, offsets * N_k
     res = varlen_attention(q.reshape(B * N, H, D), k.reshape(B * N_k, *k.shape[2:]), v.reshape(B * N_k, *v.shape[2:]),
-                           cu_q, cu_k, N, N_k, 0.0, scale, causal, return_lse=probs)
+                           cu_q, cu_k, N, N_k, return_lse=probs, **kw)
     if not probs:
         return res.reshape(B, N, H, D)
     out, lse = res

@@ -1,6 +1,7 @@
 """asvit_kernels.compat: flash-attn 2's six attention functions with its signatures, layouts and
 return values, called with the scalar types real call sites pass; checked against the float64
-reference (forward and gradients), and options not implemented refused by name."""
+reference (forward and gradients); flash-attn's features passed through (window, softcap, ALiBi,
+dropout, checked against the float64 feature reference); paged KV refused by name."""
 import inspect
 
 import numpy as np
@@ -187,21 +188,64 @@ def test_bad_scalars_raise_type_error_naming_the_argument(kwargs, name):
         compat.flash_attn_varlen_func(q, q, q, CU, CU, **args)
 
 
-@pytest.mark.parametrize("kwargs,what", [
-    (dict(window_size=(4, 0)), "window_size"), (dict(softcap=30.0), "softcap"),
-    (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"), (dict(dropout_p=0.1), "dropout_p"),
-    (dict(dropout_p=np.float32(0.1)), "dropout_p"),
-])
+FEATURES = [dict(window_size=(4, 0)), dict(window_size=np.array([2, 3])), dict(softcap=30.0),
+            dict(softcap=np.float32(0.5)), dict(alibi_slopes=torch.tensor([0.5, 0.25])),
+            dict(alibi_slopes=torch.rand(3, 2)), dict(dropout_p=0.1, deterministic=True),
+            dict(dropout_p=np.float32(0.1), window_size=(2, 2), softcap=1.0, alibi_slopes=torch.ones(2))]
+
+
+@pytest.mark.parametrize("kwargs", FEATURES, ids=lambda kw: "+".join(kw))
 @pytest.mark.parametrize("func", ["flash_attn_varlen_func", "flash_attn_func", "flash_attn_qkvpacked_func"])
-def test_unimplemented_options_are_refused_by_name(kwargs, what, func):
-    q = torch.randn(15, 2, 8)
+def test_features_pass_through_to_the_reference(kwargs, func):
+    """window_size, softcap, alibi_slopes, dropout_p (and deterministic) reach the op: the output
+    and lse equal the float64 feature reference, with the torch backend's dropout mask regenerated
+    from the seed the op draws (the default generator, re-seeded)."""
+    from asvit_kernels.reference.attention import varlen_attention_features
+    from asvit_kernels.torch_backend.attention import dropout_keep_mask
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(15, 2, 8, generator=g)
+    padded = func != "flash_attn_varlen_func"
+    cu = torch.tensor([0, 15], dtype=torch.int32) if padded else CU
+    if padded and "alibi_slopes" in kwargs and kwargs["alibi_slopes"].dim() == 2:
+        kwargs = dict(kwargs, alibi_slopes=kwargs["alibi_slopes"][:1])   # (batch = 1, H)
     args = {"flash_attn_varlen_func": (q, q, q, CU, CU, 9, 9), "flash_attn_func": (q[None],) * 3,
             "flash_attn_qkvpacked_func": (torch.stack([q[None]] * 3, 2),)}[func]
-    with pytest.raises(NotImplementedError, match=what):
-        getattr(compat, func)(*args, **kwargs)
-    if func == "flash_attn_varlen_func":
-        with pytest.raises(NotImplementedError, match="block_table"):
-            compat.flash_attn_varlen_func(*args, block_table=CU)
+    torch.manual_seed(123)
+    out, lse, none = getattr(compat, func)(*args, causal=True, return_attn_probs=True, **kwargs)
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2 ** 31, (1,)))   # what the op draws
+    p = float(kwargs.get("dropout_p", 0.0))
+    masks = dropout_keep_mask(seed, p, cu, cu, 2) if p else None
+    window = tuple(int(w) for w in kwargs.get("window_size", (-1, -1)))
+    want, want_lse = varlen_attention_features(q.double(), q.double(), q.double(), cu, cu, None, True, window,
+                                               float(kwargs.get("softcap", 0.0)), kwargs.get("alibi_slopes"),
+                                               masks, p, return_lse=True)
+    assert none is None
+    assert rel_err(out.reshape(want.shape), want) <= TOL
+    lse = lse[0] if padded else lse
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    assert rel_err(lse.nan_to_num(neginf=0.0), want_lse.nan_to_num(neginf=0.0)) <= TOL
+
+
+@pytest.mark.parametrize("func", ["flash_attn_varlen_func", "flash_attn_func"])
+def test_bad_feature_values_raise_naming_the_option(func):
+    q = torch.randn(15, 2, 8)
+    args = (q, q, q, CU, CU, 9, 9) if func == "flash_attn_varlen_func" else (q[None],) * 3
+    for kwargs, exc, what in [(dict(window_size=(-2, 0)), ValueError, "window_size"),
+                              (dict(window_size=(1.5, 0)), TypeError, "window_size"),
+                              (dict(softcap=-1.0), ValueError, "softcap"),
+                              (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
+                              (dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError, "alibi_slopes"),
+                              (dict(dropout_p=1.0), ValueError, "dropout_p"),
+                              (dict(dropout_p=-0.1), ValueError, "dropout_p")]:
+        with pytest.raises(exc, match=what):
+            getattr(compat, func)(*args, **kwargs)
+
+
+def test_block_table_is_refused_by_name():
+    q = torch.randn(15, 2, 8)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        compat.flash_attn_varlen_func(q, q, q, CU, CU, 9, 9, block_table=CU)
 
 
 def test_layout_errors_name_the_argument():

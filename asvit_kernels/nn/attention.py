@@ -46,8 +46,9 @@ class Attention(nn.Module):
     ViTAS sub-networks) and ``backend`` of the kernels.
 
     ``fused_attn`` is always True (there is no unfused path). Attention dropout ``attn_drop > 0``
-    in training raises ``NotImplementedError`` on the kernel path (not yet in the kernels), and
-    runs in the ``attn_mask`` fallback (SDPA's dropout).
+    in training runs inside the kernels (``varlen_attention``'s ``dropout_p``, the seed drawn from
+    torch's default generator of the input's device; the mask is the backend's own RNG, not
+    SDPA's), and in the ``attn_mask`` fallback as SDPA's dropout.
     """
 
     fused_attn: Final[bool]
