@@ -238,3 +238,54 @@ def test_ntk_shared_parameters_many_models():
     assert info["path"] == "fast", info
     for k, m in zip(K, models):
         assert rel_err(k, reference.ntk_loop(m, x)) <= 1e-6
+
+
+class _InPlaceAfterLinear(nn.Module):
+    """A layer output written in place (ReLU(inplace=True)): its gradient must still be the
+    gradient at the layer's output, not at the rewritten tensor."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.mul_(1.5)
+        return self.out(self.act(h).mean(1))
+
+
+class _WeightReadAsTensor(nn.Module):
+    """The weight used by a matmul on its transpose (no hook sees it), and its shape read (not a use)."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.fc, self.out = nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, x, use=True):
+        assert self.fc.weight.shape[0] == x.shape[-1]
+        h = torch.tanh(self.fc(x))
+        if use:
+            h = h + x @ self.fc.weight.t()
+        return self.out(h.mean(1))
+
+
+def test_ntk_fast_path_survives_in_place_writes_to_layer_outputs():
+    torch.manual_seed(3)
+    model = _InPlaceAfterLinear().double()
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    K, info = ak.ntk(model, x, return_info=True)
+    assert info["path"] == "fast", info
+    assert rel_err(K, reference.ntk_loop(model, x)) <= 1e-10
+
+
+def test_ntk_sees_a_weight_used_outside_its_layer_without_weight_gradients():
+    torch.manual_seed(4)
+    model = _WeightReadAsTensor().double()
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    K, info = ak.ntk(model, x, return_info=True)
+    assert info["path"] == "exact" and "fc.weight" in info["reason"], info
+    assert rel_err(K, reference.ntk_loop(model, x)) <= 1e-10
+    plain = lambda m, z: m(z, use=False)  # noqa: E731 - only the shape is read: the fast path holds
+    K, info = ak.ntk(model, x, output_fn=plain, return_info=True)
+    assert info["path"] == "fast", info
+    assert rel_err(K, reference.ntk_loop(model, x, output_fn=plain)) <= 1e-10

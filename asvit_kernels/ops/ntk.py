@@ -22,6 +22,7 @@ from torch import nn
 from .. import backends
 from ..params import ParamSelector, select_parameters
 from . import _autocast, _transforms, _validate
+from ._param_uses import ParamUseCheck
 
 Tensor = torch.Tensor
 OutputFn = Optional[Callable[[nn.Module, Tensor], Tensor]]
@@ -133,8 +134,7 @@ def _layer_factors(m: nn.Module, inputs: list[Tensor], grads: list[Tensor],
             if len(m.normalized_shape) != 1:
                 raise _Fallback("LayerNorm over more than the last dim")
             xt = _per_token(x, B).to(g.dtype)
-            var, mean = torch.var_mean(xt, -1, correction=0, keepdim=True)
-            a_parts.append((xt - mean) * torch.rsqrt(var + m.eps))
+            a_parts.append(F.layer_norm(xt, xt.shape[-1:], eps=m.eps))  # the normalised input, fused
             g_parts.append(_per_token(g, B))
         elif isinstance(m, nn.Embedding):
             if m.max_norm is not None:
@@ -146,7 +146,7 @@ def _layer_factors(m: nn.Module, inputs: list[Tensor], grads: list[Tensor],
             g_parts.append(_per_token(g, B))
     if not g_parts:
         return {}
-    a, g = torch.cat(a_parts, 1), torch.cat(g_parts, 1)
+    a, g = (parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in (a_parts, g_parts))  # no copy of one
     out = {}
     if isinstance(m, nn.LayerNorm):
         if m.weight is not None:
@@ -219,6 +219,55 @@ def _probe_shapes(model, x, output_fn, records) -> tuple[list[tuple[torch.Size, 
         for h in handles:
             h.remove()
     return shapes, out
+
+
+def _one_model_pass(model, x, output_fn, records, plain, tracked, chosen, use_probes: bool = False):
+    """One forward + one backward with plain autograd (the fused custom ops run): each recorded
+    call's input and output gradient, the plain parameters' per-sample gradients, and the output.
+
+    Each layer output is differentiated directly (no shape-finding pass); should anything modify
+    one in place later in the forward, the pass is redone with a zero probe added to each output
+    as the call happens, ``d sum_i s_i / d probe`` being its output gradient. The layers' weights are not differentiated:
+    ``ParamUseCheck`` watches the forward instead, and any use of a tracked parameter other than
+    its own layer's call raises _Fallback. Returns (call order, inputs, grads, plain grads, out)."""
+    B = x.shape[0]
+    index = {id(r): i for i, r in enumerate(records)}
+    order, inputs, probes, versions = [], [], [], []
+
+    def on_call(r, a, out):
+        order.append(index[id(r)])
+        inputs.append(a.detach())
+        if use_probes:
+            probes.append(torch.zeros_like(out, requires_grad=True))
+            return out + probes[-1]
+        probes.append(out)                      # differentiated directly, if nothing writes it in place
+        versions.append(out._version)
+        return out
+
+    params = dict(chosen)
+    watched = {id(params[n]): n for n in tracked}
+    owners = {pid: {id(r) for r in records if any(p is params[n] for p in r.parameters(recurse=False))}
+              for pid, n in watched.items()}
+    state = {n: params[n] for n in plain}
+    plain_probes = [torch.zeros(B, *state[n].shape[1:], device=x.device, dtype=state[n].dtype,
+                                requires_grad=True) for n in plain]
+    st = {n: state[n].detach().expand(B, *state[n].shape[1:]) + pp for n, pp in zip(plain, plain_probes)}
+    check = ParamUseCheck(watched, owners, records)
+    handles = _hooked(records, on_call)
+    try:
+        with torch.enable_grad(), check:
+            out = _call_with(model, st, lambda: _outputs(model, x, output_fn))
+    finally:
+        check.remove()
+        for h in handles:
+            h.remove()
+    if check.violations:
+        raise _Fallback(f"parameter {check.violations[0]} is used outside the layer holding it (no hook sees it)")
+    if any(o._version != v for o, v in zip(probes, versions)):
+        return _one_model_pass(model, x, output_fn, records, plain, tracked, chosen, use_probes=True)
+    leaves = probes + plain_probes
+    grads = torch.autograd.grad(out.reshape(B, -1).sum(), leaves, allow_unused=True, materialize_grads=True)
+    return order, inputs, list(grads[:len(probes)]), list(grads[len(probes):]), out.detach()
 
 
 def _layer_grads(model, x, output_fn, records, plain, tracked, state, shapes):
@@ -329,10 +378,11 @@ def _assemble(records, chosen, order, inputs, grads, plain_grads, tracked, track
                 uses.setdefault(id(getattr(r, pname)), []).append((r, f))
     params = dict(chosen)
     factors = {}
-    for name, batch_grad in zip(tracked, tracked_grads):
+    for k, name in enumerate(tracked):
         pid = id(params[name])
         factor, padding_idx = _combine(name, uses[pid]) if pid in uses else (None, None)
-        _check_uses(name, factor, padding_idx, params[name], batch_grad)
+        if tracked_grads is not None:  # None: the uses were checked as the forward ran (ParamUseCheck)
+            _check_uses(name, factor, padding_idx, params[name], tracked_grads[k])
         if factor is not None:
             factors[name] = factor, padding_idx
     K = torch.zeros(B, B, dtype=torch.float64, device=device)
@@ -357,6 +407,16 @@ def _fast_ntk(models: Sequence[nn.Module], x: Tensor, output_fn: OutputFn, param
     model = models[0]
     chosen = select_parameters(model, params)
     records, plain, tracked = _plan(model, chosen)
+    if len(models) == 1 and not _transforms.active():
+        try:
+            order, inputs, grads, plain_grads, out = _one_model_pass(model, x, output_fn, records, plain, tracked,
+                                                                     chosen)
+        except RuntimeError as err:
+            raise _Fallback(f"the one-pass forward/backward failed ({err})") from err
+        if not _samples_independent(model, x, output_fn, out):
+            raise _Fallback("the samples interact (changing sample 0 changes the other outputs)")
+        return _assemble(records, chosen, order, inputs, grads, plain_grads, tracked, None, x.shape[0], backend,
+                         x.device)[None]
     shapes, out = _probe_shapes(model, x, output_fn, records)
     if not _samples_independent(model, x, output_fn, out):
         raise _Fallback("the samples interact (changing sample 0 changes the other outputs)")
@@ -393,15 +453,23 @@ def _call_with(model: nn.Module, replacements: dict[str, Tensor], fn: Callable[[
 
 
 def _samples_independent(model: nn.Module, x: Tensor, output_fn: OutputFn, out: Tensor) -> bool:
-    """Replace sample 0 by noise: every other sample's output must stay put (up to rounding)."""
+    """Replace sample 0 by noise: sample 1's output must stay put (up to rounding). Run on a batch
+    of those two samples alone, which also catches any dependence on the rest of the batch, for
+    2/B of a forward; a model that needs the whole batch gets the whole batch, sample 0 replaced."""
     if x.shape[0] < 2:
         return True
-    x2 = x.clone()
-    x2[0] = torch.randn_like(x[0]) if x.is_floating_point() else x[1]
-    with torch.no_grad():
-        other = _outputs(model, x2, output_fn)[1:].double()
-    ref = out[1:].double()
-    return bool(((other - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1e-30)).item())
+    for x2 in (x[:2].clone(), x.clone()):
+        x2[0] = torch.randn_like(x[0]) if x.is_floating_point() else x[1]
+        try:
+            with torch.no_grad():
+                other = _outputs(model, x2, output_fn)[1:].double()
+        except (RuntimeError, ValueError):
+            if x2.shape[0] == x.shape[0]:
+                raise
+            continue
+        ref = out[1:other.shape[0] + 1].double()
+        return bool(((other - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1e-30)).item())
+    return False
 
 
 def _exact_ntk(model: nn.Module, x: Tensor, output_fn: OutputFn, chosen) -> tuple[Tensor, str]:
@@ -437,9 +505,15 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
 
     Paths (``return_info=True`` returns ``(K, info)`` with ``info["path"]`` and the reason; the
     choice is also logged at DEBUG and tallied by ``path_counts``):
-      - ``"fast"``: one forward + one backward, plus two no-grad forwards (one finds the layer output
-        shapes, one with sample 0 replaced checks that the samples do not interact). For a list
-        of models the forward/backward is vmapped over their stacked parameters: one pass for all. Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
+      - ``"fast"``: per model, one forward + one backward with plain autograd (the fused custom ops
+        run; the layers' outputs are differentiated, never their weights: the forward is watched
+        instead, so a weight used outside its own layer is seen), plus one no-grad forward with
+        sample 0 replaced to check that the samples do not interact. With ``models_per_pass=k > 1``
+        k models share one pass, vmapped over their stacked parameters (``torch.func``; a shape
+        pass more and the weights' batch gradients, to check their uses). Cost model, stated:
+        a vmapped pass holds k models' activations and gradients (k times the memory) and does
+        more work per model; it saves only Python overhead, so one model per pass is the default.
+        ``info["method"]`` says which ran. Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
         ``nn.LayerNorm``, ``nn.Embedding`` fed ``(B, ...)``, or is a plain parameter broadcast over
         the batch (leading dim 1: class token, position embedding).
       - ``"exact"``: anything else (a layer fed ``(B * windows, ...)``, an unknown layer, BatchNorm
@@ -452,7 +526,7 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
         params: "all", "weights" (names containing "weight", As-ViT/TENAS) or ``(name, p) -> bool``.
         backend: the backend of ``per_sample_grad_gram``.
         models_per_pass: with a list, at most this many models share one vmapped pass (each pass
-            holds the activations of all its models); None = all in one pass.
+            holds the activations of all its models); None = 1 (see the cost model above).
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models:
@@ -466,11 +540,13 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
     shapes = {tuple((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in models}
     if len(shapes) > 1:
         raise ValueError("the models of a list must share one architecture (parameter names and shapes)")
-    info = {"path": "fast", "reason": None}
     if models_per_pass is not None and (isinstance(models_per_pass, bool) or not isinstance(models_per_pass, int)
                                         or models_per_pass < 1):
         raise ValueError(f"models_per_pass must be None or a positive int, got {models_per_pass!r}")
-    step = models_per_pass or len(models)
+    step = models_per_pass or 1
+    method = ("one model per pass (autograd)" if step == 1 or len(models) == 1
+              else f"{min(step, len(models))} models per vmapped pass")
+    info = {"path": "fast", "method": method, "reason": None}
     try:
         K = torch.cat([_fast_ntk(models[i:i + step], x, output_fn, params, backend)
                        for i in range(0, len(models), step)])

@@ -213,7 +213,7 @@ def _set_norm(models: Sequence[nn.Module], enabled: bool) -> None:
 
 def _kappa_of(models: Sequence[nn.Module], x: Tensor, params: ParamSelector, models_per_pass: Optional[int],
               backend: Optional[str]) -> float:
-    """Mean kappa over the models (LayerNorm on), all in one vmapped pass unless models_per_pass says."""
+    """Mean kappa over the models (LayerNorm on), one model per pass unless models_per_pass says."""
     _set_norm(models, True)
     try:
         value = ntk_condition_number(list(models), x, params=params, output_fn=features,
@@ -262,7 +262,7 @@ def kappa(genotype_or_model_factory: Source, images: Tensor, *, repeats: int = 5
             the genotype's own).
         seed: initialisation r uses ``torch.manual_seed(1000 * seed + r)``.
         params: which parameters: "weights" (As-ViT), "all" or ``(name, p) -> bool``.
-        models_per_pass: at most this many initialisations per vmapped pass (memory bound); None: all.
+        models_per_pass: initialisations per vmapped pass (``ntk``'s cost model); None: one per pass.
         backend: backend of the per-sample-gradient Gram (None: automatic).
         dtype: the models' and images' dtype (None: the images'; float32 as As-ViT).
     """
