@@ -29,6 +29,8 @@ LOG_NAME, AUTO_LOG = "asvit.log", "<run directory>"
 BENCHES = ("elastic", "attention", "ntk", "models", "search", "kendall", "progressive")
 ARCHS = ("asvit", "vit", "vitas", "vitas-tiny")
 SCHEDULES = ("none", "retokenize", "autoprog", "autoprog-manual", "vitas")
+EMA_AT_SWITCH_HELP = ("what the EMA copies do at a re-tokenization switch: keep averaging, reseed from the model, "
+                      "or restart (reseed and warm up again); default: the preset's")
 
 
 class UsageError(Exception):
@@ -145,6 +147,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, defaults_from_preset: bool
 
 def build_parser() -> argparse.ArgumentParser:
     from asvit_kernels.pipeline.presets import PRESETS
+    from asvit_kernels.train.retokenize import EMA_AT_SWITCH
     parser = _Parser(prog="asvit", description="Search, scale and train Vision Transformers (asvit-kernels).")
     _add_output_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="default: retokenize for asvit, autoprog for vit, vitas for vitas archs")
     p.add_argument("--retokenize", default="paper", help="'paper', 'none' or 'FRACTION:STRIDE[:DILATION],...'")
+    p.add_argument("--ema-at-switch", choices=EMA_AT_SWITCH, default=None, help=EMA_AT_SWITCH_HELP)
     p.add_argument("--autoprog-stages", type=POSITIVE, default=4)
     p.add_argument("--flops-range", type=POSITIVE_FLOAT, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="--schedule vitas: the sub-network FLOPs window p_identity is calibrated to")
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="family member to train: largest | smallest | index (checked against the family "
                         "once scaling has found it; changing it later keeps the search and scaling results)")
     p.add_argument("--retokenize", default=None)
+    p.add_argument("--ema-at-switch", choices=EMA_AT_SWITCH, default=None, help=EMA_AT_SWITCH_HELP)
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (stages, steps, epochs) and its time estimated from a few timed steps, "
                         "then exit without writing anything")
@@ -266,7 +271,7 @@ def _preset(args, **extra):
     from asvit_kernels.pipeline.presets import preset
     changes = {"search_steps": getattr(args, "steps", None) or getattr(args, "search_steps", None),
                "repeats": getattr(args, "repeats", None), "member": getattr(args, "member", None),
-               "retokenize": getattr(args, "retokenize", None)}
+               "retokenize": getattr(args, "retokenize", None), "ema_at_switch": getattr(args, "ema_at_switch", None)}
     if getattr(args, "param_limit", None) is not None:
         changes["param_limit"] = tuple(args.param_limit)
     return preset(args.preset).with_(**changes, **extra)
@@ -382,7 +387,8 @@ def _train_model_and_strategy(args, data):
         if schedule == "none":
             return model, Strategy()
         from asvit_kernels.train.retokenize import Retokenize, parse_stages
-        return model, Retokenize(parse_stages(args.retokenize, g.kernels[0], size))
+        return model, Retokenize(parse_stages(args.retokenize, g.kernels[0], size),
+                                 ema_at_switch=_preset(args).ema_at_switch)
     if args.arch == "vit":
         if size % args.patch_size:
             raise UsageError(f"--patch-size {args.patch_size} must divide the image size {size}")

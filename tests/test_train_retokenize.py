@@ -199,3 +199,68 @@ def test_retokenize_needs_an_asvit():
     trainer = Trainer(model, small_digits(), config(epochs=1), strategy=Retokenize(parse_stages("none", 8, 32)))
     with pytest.raises(TypeError, match="set_tokenization"):
         trainer.fit()
+
+
+class _EmaAtSwitch(Retokenize):
+    """Retokenize that records, at each epoch start, whether every EMA copy equals the model."""
+
+    def __init__(self, stages, **kw):
+        super().__init__(stages, **kw)
+        self.equal: list[tuple[int, bool]] = []
+
+    def on_epoch_start(self, trainer, epoch):
+        super().on_epoch_start(trainer, epoch)
+        model = trainer.model.state_dict()
+        self.equal.append((epoch, all(torch.equal(e.module.state_dict()[k], v) for e in trainer.emas
+                                      for k, v in model.items())))
+
+
+@pytest.mark.parametrize("mode, reseeded, warming, event", [("keep", False, False, "kept"),
+                                                             ("reseed", True, False, "reseeded"),
+                                                             ("restart", True, True, "restarted")])
+def test_ema_at_switch(tmp_path, mode, reseeded, warming, event):
+    """"reseed" and "restart" restart every EMA copy from the model's weights at each switch
+    (epochs 1 and 2), "restart" with a warm-up; "keep" goes on averaging. Epoch 0 (no switch) is
+    the same fresh copy either way."""
+    strategy = _EmaAtSwitch(parse_stages(THREE, 8, 32), ema_at_switch=mode)
+    trainer = Trainer(tiny_model(), small_digits(256, 64), config(epochs=3), strategy=strategy, run_dir=tmp_path)
+    trainer.fit()
+    assert strategy.equal == [(0, True), (1, reseeded), (2, reseeded)]
+    assert all(e.warming == warming for e in trainer.emas)
+    events = [r for r in trainer.history if r.get("event") == "retokenize"]
+    assert [r["ema"] for r in events] == [event] * 2
+
+
+@pytest.mark.parametrize("mode, epochs_first_call", [("reseed", 2), ("restart", 2), ("restart", 3)])
+def test_ema_at_switch_resume_between_epochs_matches_a_straight_run(tmp_path, mode, epochs_first_call):
+    """Paused right before the switch (after epoch 2) or during the warm-up after it (after epoch
+    3) and resumed: the reset happens on resume from the same saved weights, a warm-up goes on
+    where it was, so the EMA ends bit-identical to an uninterrupted run's."""
+    data, stages = small_digits(256, 64), parse_stages("0:7,0.5:4", 8, 32)  # the switch before epoch 2 of 4
+    straight = Trainer(tiny_model(), data, config(epochs=4), strategy=Retokenize(stages, ema_at_switch=mode),
+                       run_dir=tmp_path / "a")
+    straight.fit()
+    Trainer(tiny_model(), data, config(epochs=4), strategy=Retokenize(stages, ema_at_switch=mode),
+            run_dir=tmp_path / "b").fit(max_epochs_this_call=epochs_first_call)
+    resumed = Trainer(tiny_model(), data, config(epochs=4), strategy=Retokenize(stages, ema_at_switch=mode),
+                      run_dir=tmp_path / "b")
+    resumed.fit()
+    for a, b in zip(straight.emas, resumed.emas):
+        for k, v in a.module.state_dict().items():
+            assert torch.equal(v, b.module.state_dict()[k]), k
+
+
+def test_ema_at_switch_errors(tmp_path):
+    stages = parse_stages(THREE, 8, 32)
+    with pytest.raises(ValueError, match="ema_at_switch must be one of"):
+        Retokenize(stages, ema_at_switch="forget")
+    data = small_digits(256, 64)
+    Trainer(tiny_model(), data, config(epochs=3), strategy=Retokenize(stages, ema_at_switch="keep"),
+            run_dir=tmp_path).fit(max_epochs_this_call=1)
+    with pytest.raises(ValueError, match="ema_at_switch='keep'.*'reseed'"):
+        Trainer(tiny_model(), data, config(epochs=3), strategy=Retokenize(stages, ema_at_switch="reseed"),
+                run_dir=tmp_path).fit()
+    old = Retokenize(stages)  # a checkpoint from before the option: no key, it kept the EMA
+    old.load_state_dict({"stages": old.state_dict()["stages"]})
+    with pytest.raises(ValueError, match="ema_at_switch"):
+        Retokenize(stages, ema_at_switch="reseed").load_state_dict({"stages": old.state_dict()["stages"]})

@@ -385,6 +385,34 @@ def test_ema_update_math():
     assert tensors_equal(e0.module.state_dict(), model.state_dict()) == []
 
 
+def test_ema_warmup_after_a_reset_ramps_the_decay():
+    """reset(warmup=True): update k after it uses min(decay, (1 + k) / (10 + k)) until that reaches
+    the decay (then the fused path); the count survives a state round trip."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
+    ema = EmaModel(model, 0.5)
+    ema.reset(model, warmup=True)
+    expect = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in range(3):  # decays 1/10, 2/11, 3/12
+        d = min(0.5, (1 + k) / (10 + k))
+        assert ema.current_decay() == pytest.approx(d)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for name, v in model.state_dict().items():
+            expect[name] = d * expect[name] + (1 - d) * v
+        for name, v in ema.module.state_dict().items():
+            torch.testing.assert_close(v, expect[name], rtol=1e-6, atol=1e-6)
+    other = EmaModel(model, 0.5)
+    other.load_state_dict(ema.state_dict())
+    other.warming = True  # what a strategy restores on resume
+    assert other.current_decay() == pytest.approx(4 / 13) and ema.current_decay() == pytest.approx(4 / 13)
+    assert int(ema.state_dict()["n_averaged"]) == 4
+    ema.reset(model)  # a plain reset: no warm-up
+    assert not ema.warming and ema.current_decay() == 0.5
+
+
 def test_ema_reset_copies_and_state_round_trip():
     torch.manual_seed(1)
     model = nn.Linear(3, 3)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
+from asvit_kernels.train.retokenize import EMA_AT_SWITCH
+
 __all__ = ["Preset", "PRESETS", "preset"]
 
 
@@ -18,7 +20,9 @@ class Preset:
     ``scale_hidden`` (full model 4x), until the full model has ``param_limit[0]`` parameters
     (candidates above ``param_limit[1]`` dropped). Training: the ``member`` of the family
     ("largest" = the last scaling step, "smallest", or an index) with progressive
-    re-tokenization (``retokenize``: "paper", "none" or explicit stages, ``train.retokenize``).
+    re-tokenization (``retokenize``: "paper", "none" or explicit stages, ``train.retokenize``);
+    ``ema_at_switch``: "keep", "reseed" or "restart" the EMA copies at a re-tokenization switch
+    (``train.retokenize``; bench/results/ema_at_switch_cpu2t.md measures both on this preset).
     """
 
     name: str
@@ -40,7 +44,12 @@ class Preset:
     drop_path: float
     ema_decays: tuple[float, ...]
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    ema_at_switch: str = "restart"
     notes: str = ""
+
+    def __post_init__(self):
+        if self.ema_at_switch not in EMA_AT_SWITCH:
+            raise ValueError(f"ema_at_switch must be one of {EMA_AT_SWITCH}, got {self.ema_at_switch!r}")
 
     def with_(self, **changes: Any) -> "Preset":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

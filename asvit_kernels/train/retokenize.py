@@ -13,6 +13,13 @@ Scaling to other kernels and input sizes (our rule, which reproduces the paper's
     (``models.asvit.MIN_STAGE1_GRID``): at 32 px the coarsest stride is 7. Stages that the cap makes
     identical to the next one are merged.
 Stage k covers epochs [round(f_k * epochs), round(f_{k+1} * epochs)); an empty stage is skipped.
+
+The EMA copies at a switch (``ema_at_switch``): "keep" goes on averaging across it, so right after
+it they hold weights trained under the previous tokenization; "reseed" restarts them from the
+model's weights at the switch, so they only average weights trained under the new one;
+"restart" reseeds them and restarts a warm-up (``train.ema``: the decay ramps up from 0.1 again),
+so they follow the model while it adapts to the new tokens. Measured on the quick preset:
+bench/results/ema_at_switch_cpu2t.md.
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ from asvit_kernels.models.asvit import STAGE1_STRIDE as BASE_STRIDE
 from .strategy import Strategy
 
 __all__ = ["TokenStage", "PAPER_FRACTIONS", "PAPER_MULTIPLIERS", "token_stages", "parse_stages", "Retokenize",
-           "stage_epochs"]
+           "stage_epochs", "EMA_AT_SWITCH"]
 
 PAPER_FRACTIONS = (0.0, 80 / 300, 130 / 300)
 PAPER_MULTIPLIERS = (4, 2, 1)
+EMA_AT_SWITCH = ("keep", "reseed", "restart")
 
 
 @dataclass(frozen=True)
@@ -126,15 +134,19 @@ class Retokenize(Strategy):
     ``stages``: a list of ``TokenStage`` (``token_stages`` / ``parse_stages``). The model's
     weights never change shape; evaluation runs at the current tokenization (the final stage is
     the full-resolution one, so the end-of-training accuracy is the model's real accuracy).
+    ``ema_at_switch``: "keep", "reseed" or "restart" the trainer's EMA copies at a switch (module doc).
     """
 
     name = "retokenize"
 
-    def __init__(self, stages: Sequence[TokenStage]):
+    def __init__(self, stages: Sequence[TokenStage], *, ema_at_switch: str = "keep"):
         stages = list(stages)
         if not stages or not all(isinstance(s, TokenStage) for s in stages):
             raise TypeError("stages must be a non-empty list of TokenStage")
+        if ema_at_switch not in EMA_AT_SWITCH:
+            raise ValueError(f"ema_at_switch must be one of {EMA_AT_SWITCH}, got {ema_at_switch!r}")
         self.stages = _checked(stages)
+        self.ema_at_switch = ema_at_switch
         self.current: Optional[int] = None
 
     def stage_at(self, epoch: int, epochs: int) -> int:
@@ -156,13 +168,20 @@ class Retokenize(Strategy):
         # in the stage of the epoch just finished; mid-epoch, in the stage of the current one.
         epoch = trainer.epoch if trainer.step_in_epoch or trainer.epoch == 0 else trainer.epoch - 1
         self._apply(trainer, self.stage_at(min(epoch, trainer.config.epochs - 1), trainer.config.epochs))
+        for e in trainer.emas:  # a copy restarted at an earlier switch is still warming up (ema.EmaModel)
+            e.warming = self.ema_at_switch == "restart" and self.current > 0
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         k = self.stage_at(epoch, trainer.config.epochs)
         if k != self.current:
             self._apply(trainer, k)
+            reseed = self.ema_at_switch != "keep" and bool(trainer.emas)
+            for e in trainer.emas if reseed else ():  # a resume between epochs redoes this from the same weights
+                e.reset(trainer.model, warmup=self.ema_at_switch == "restart")
             trainer.log({"event": "retokenize", "stage": k, "stride": self.stages[k].stride,
-                         "dilation": self.stages[k].dilation})
+                         "dilation": self.stages[k].dilation,
+                         "ema": {"keep": "kept", "reseed": "reseeded", "restart": "restarted"}[self.ema_at_switch]
+                         if trainer.emas else None})
 
     def describe(self) -> dict[str, Any]:
         k = 0 if self.current is None else self.current
@@ -174,10 +193,14 @@ class Retokenize(Strategy):
         return "; ".join(f"epochs [{a}, {b}): {st.text()}" for st, a, b in zip(self.stages, starts, starts[1:]) if b > a)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stages": [[s.start, s.stride, s.dilation] for s in self.stages]}
+        return {"stages": [[s.start, s.stride, s.dilation] for s in self.stages], "ema_at_switch": self.ema_at_switch}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = [list(s) for s in state.get("stages", [])]
         mine = self.state_dict()["stages"]
         if saved != mine:
             raise ValueError(f"the checkpoint was trained with retokenization stages {saved}, this run has {mine}")
+        saved_ema = state.get("ema_at_switch", "keep")  # checkpoints from before the option kept the EMA
+        if saved_ema != self.ema_at_switch:
+            raise ValueError(f"the checkpoint was trained with ema_at_switch={saved_ema!r}, this run has "
+                             f"{self.ema_at_switch!r}: use the same setting to resume")
