@@ -18,6 +18,9 @@ at most one line per ``interval()`` seconds (``ASVIT_PROGRESS_INTERVAL``, defaul
 ``asvit --progress-interval``), through the ``asvit_kernels.progress`` logger at INFO, plus one
 line when an outermost loop ends. Library code only logs; the CLI decides where logs go.
 
+``watch(desc, fn)`` calls ``fn(progress)`` after every ``update`` of a loop named ``desc`` while
+it is in force, in every mode (off too): the pipeline estimates a stage's time from it.
+
 Why bars sometimes never showed: a pseudo-terminal created without a window size (``script``
 without a controlling terminal, ``pty.openpty()``, some container and CI ttys) reports 0 x 0, and
 tqdm then treats every position as below the screen's last row and prints nothing. A terminal
@@ -25,16 +28,17 @@ that reports 0 columns or rows is taken as ``COLUMNS`` x ``LINES`` (default 80 x
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "mode", "interval", "set_interval", "TqdmLoggingHandler", "format_duration",
+__all__ = ["Progress", "mode", "interval", "set_interval", "TqdmLoggingHandler", "format_duration", "watch",
            "INTERVAL_ENV", "DEFAULT_INTERVAL"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,17 @@ DEFAULT_INTERVAL = 30.0
 _interval_override: Optional[float] = None
 _open: list["Progress"] = []  # the open loops, outermost first
 _last_line = [0.0]  # monotonic time of the last "lines" line
+_watchers: dict[str, list[Callable[["Progress"], None]]] = {}
+
+
+@contextlib.contextmanager
+def watch(desc: str, fn: Callable[["Progress"], None]) -> Iterator[None]:
+    """Within the block, ``fn(progress)`` runs after every ``update`` of a loop named ``desc``."""
+    _watchers.setdefault(desc, []).append(fn)
+    try:
+        yield
+    finally:
+        _watchers[desc].remove(fn)
 
 
 def set_interval(seconds: Optional[float]) -> None:
@@ -185,6 +200,8 @@ class Progress:
             if now - _last_line[0] >= interval():
                 _last_line[0] = now
                 log.info("%s", " > ".join(p.text() for p in _open))
+        for fn in list(_watchers.get(self.desc, ())):
+            fn(self)
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = {k: v for k, v in values.items()}

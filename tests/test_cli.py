@@ -3,6 +3,7 @@ to seconds writes its report and resumes without redoing finished stages."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,8 +78,17 @@ def test_quick_pipeline_cut_down_writes_report_and_resumes(tmp_path, capsys, one
                         train.get("status"), len(train.get("metrics") or []), path.read_text()))
         return path
     monkeypatch.setattr(pipeline_run, "write_report", write_report)
+    estimates = []  # every estimate written into pipeline.json, in order
+    real_write_json = pipeline_run.atomic.write_json
+
+    def write_json(path, obj, *a, **kw):
+        if Path(path).name == "pipeline.json" and "estimate" in obj:
+            estimates.append(json.loads(json.dumps(obj["estimate"])))
+        return real_write_json(path, obj, *a, **kw)
+    monkeypatch.setattr(pipeline_run.atomic, "write_json", write_json)
     code, stdout, err = run(argv, capsys)
     assert code == 0, err
+    _check_estimates(estimates, json.loads((out / "pipeline.json").read_text()))
     both, all3 = ["scaling", "search"], ["scaling", "search", "train"]
     assert [w[:3] for w in written] == [(["search"], None, 0), (both, None, 0), (both, None, 0), (all3, "running", 1),
                                         (all3, "running", 2), (all3, "finished", 2)]
@@ -106,6 +116,25 @@ def test_quick_pipeline_cut_down_writes_report_and_resumes(tmp_path, capsys, one
     assert code == 2 and "other settings" in err
 
 
+def _check_estimates(estimates, state):
+    """Search and scaling are estimated from their first steps, training after each epoch; a
+    finished stage counts with its measured seconds; the time left shrinks stage by stage."""
+    stages = [e["measuring"] for e in estimates]
+    firsts = {s: next(e for e in estimates if e["measuring"] == s) for s in ("search", "scale", "train")}
+    assert stages == sorted(stages, key=("search", "scale", "train").index)  # in stage order
+    for e in estimates:
+        assert e["remaining_seconds"] >= 0 and abs(e["total_seconds"] - sum(e["stages"].values())) < 1e-6
+        assert set(e["stages"]) == {"search", "scale", "train"}  # later stages estimated before they ran
+    assert firsts["search"]["estimated"] == ["search", "scale", "train"] and firsts["search"]["steps_measured"] == 1
+    after_search = firsts["scale"]  # the search is measured from here on
+    assert after_search["stages"]["search"] == state["seconds"]["search"] and after_search["estimated"] == [
+        "scale", "train"]
+    assert firsts["train"]["stages"]["scale"] == state["seconds"]["scale"] and firsts["train"]["estimated"] == [
+        "train"]
+    left = [firsts[s]["remaining_seconds"] for s in ("search", "scale", "train")]
+    assert left == sorted(left, reverse=True) and left[-1] > 0, left
+
+
 def test_pipeline_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     code, stdout, err = run(["pipeline", "--out", str(out), "--dry-run", "--search-steps", "7", "--repeats", "1",
@@ -114,7 +143,30 @@ def test_pipeline_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, o
     lines = stdout.strip().splitlines()
     assert lines[0].startswith("plan: quick preset on digits (nothing written")
     assert "7 REINFORCE steps x 1 initialisation(s)" in lines[1] and "growth steps" in lines[2]
-    assert "3 epochs x 22 steps (batch 64)" in lines[3] and lines[4].startswith("  total:   ~")
+    assert "3 epochs x 22 steps (batch 64)" in lines[3]
+    # the digits' 359 validation images in batches of 64, after each of 3 epochs for the model and its EMA
+    assert lines[4].startswith("  eval:    6 evaluations x 6 batches (batch 64), ") and "s/batch: ~" in lines[4]
+    assert lines[5].startswith("  total:   ~") and len(lines) == 6
     assert not out.exists()
     code, _, err = run(["pipeline", "--out", str(out), "--dry-run", "--log-file", "--quiet"], capsys)
     assert code == 2 and "--log-file needs a PATH" in err and not out.exists()
+
+
+def test_estimate_training_times_the_evaluation_passes(one_thread):
+    """The dry run's evaluation part: timed batches x the validation set's batches (capped by
+    eval_batches) x one pass per epoch for the model and one for its slowest EMA, if any."""
+    from _train_runner import GENOTYPE
+
+    from asvit_kernels.models.genotype import Genotype
+    from asvit_kernels.pipeline.plan import estimate_training
+    from asvit_kernels.pipeline.presets import preset
+    from asvit_kernels.pipeline.run import train_config
+    from asvit_kernels.train.data import open_dataset
+    data, member = open_dataset(None), Genotype.parse(GENOTYPE)
+    est = estimate_training(member, data, train_config(preset("quick"), epochs=3, eval_batches=2), timed=1)
+    assert (est["eval_batches"], est["evaluations"], est["steps_per_epoch"]) == (2, 6, 22)
+    assert est["seconds_per_eval_batch"] > 0 and est["eval_seconds"] == pytest.approx(est["seconds_per_eval_batch"] * 12)
+    assert est["seconds"] == pytest.approx(est["train_seconds"] + est["eval_seconds"])
+    no_ema = estimate_training(member, data, train_config(preset("quick"), epochs=3, ema_decays=(),
+                                                          eval_batch_size=100), timed=1)
+    assert (no_ema["eval_batches"], no_ema["evaluations"], no_ema["eval_batch_size"]) == (4, 3, 100)  # 359 images

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from asvit_kernels.pipeline.estimate import estimate_text, first_search_steps, stage_estimate
 from asvit_kernels.pipeline.report import format_seconds, write_report
 from asvit_kernels.pipeline.run import train_estimate
 
@@ -103,6 +104,19 @@ def test_the_report_says_what_the_ema_does_at_a_switch(tmp_path):
     assert "EMA at a switch" not in write_report(tmp_path / "b", no_ema).read_text()
 
 
+@pytest.mark.parametrize("mode, needle", [
+    ("reseed", "re-seeded from the model's weights at each switch (`--ema-at-switch reseed`) - it switches"),
+    ("restart", "(`--ema-at-switch restart`) and warms up again"),
+])
+def test_the_report_says_when_the_ema_is_reseeded(tmp_path, mode, needle):
+    r = _results()
+    r["train"].update(ema_decays=[0.99], ema_at_switch=mode)
+    note = _section(_norm(write_report(tmp_path, r).read_text()), "Training").split("EMA at a switch", 1)[1]
+    assert needle in note and "kept, not restarted" not in note and "1/(1 - 0.99) = 100 steps" in note
+    assert "epoch 2 -> 3 (base): EMA 57.00 % -> 66.50 %" in note
+    assert "bench/results/ema_at_switch_cpu2t.md" in note  # the quick preset's measurement of every mode
+
+
 def test_a_running_training_says_so(tmp_path):
     r = _results()
     r["train"]["status"] = "running"
@@ -169,3 +183,20 @@ def test_train_estimate_scales_the_measured_epochs():
     assert est["seconds_per_epoch"] == 15.0 and est["remaining_seconds"] == 15 * 15.0
     assert est["stages"] == {"search": 40.0, "scale": 60.0, "train": 100.0 + 30.0 + 225.0}
     assert est["total_seconds"] == 40 + 60 + 355 and est["epochs_measured"] == 2
+
+
+def test_stage_estimate_sums_measured_and_estimated_stages():
+    # scaling running (20 s spent, 10 s left) after a 40 s search, training estimated at 100 s
+    est = stage_estimate("scale", 20.0, 10.0, {"search": 40.0}, {"train": 100.0})
+    assert est["stages"] == {"search": 40.0, "scale": 30.0, "train": 100.0} and est["total_seconds"] == 170.0
+    assert est["remaining_seconds"] == 110.0 and est["stage_remaining_seconds"] == 10.0
+    assert est["measuring"] == "scale" and est["estimated"] == ["scale", "train"]
+    # a finished stage keeps its measured seconds over a later-stage guess; a negative time left is 0
+    est = stage_estimate("search", 5.0, -1.0, {"scale": 7.0}, {"scale": 3.0, "train": 4.0})
+    assert est["stages"] == {"search": 5.0, "scale": 7.0, "train": 4.0} and est["remaining_seconds"] == 4.0
+    assert estimate_text(est, "2 of 4 steps at 1 s/step") == (
+        "search: estimated 5 s for the stage, 0 s left (2 of 4 steps at 1 s/step); pipeline: estimated total 16 s "
+        "(search 5 s estimated, scaling 7 s measured, training 4 s estimated), 4 s left")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        stage_estimate("evolution", 1.0, 1.0, {}, {})
+    assert [first_search_steps(n) for n in (1, 4, 20, 60, 500)] == [1, 1, 2, 5, 5]

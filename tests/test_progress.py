@@ -152,3 +152,19 @@ class _NotATty:
 
     def flush(self):
         pass
+
+
+def test_watch_sees_every_update_of_its_loop_in_every_mode():
+    """progress.watch: the callback sees each update of loops with that name (also when progress is
+    off), not other loops', and nothing once the block is left."""
+    seen = []
+    with progress.watch("search", lambda p: seen.append((p.desc, p.n, p.mode))):
+        with Progress(total=3, desc="search", progress=False) as p:
+            p.update(1)
+            p.update(2)
+        with Progress(total=3, desc="scaling", progress=False) as q:
+            q.update(1)
+    with Progress(total=3, desc="search", progress=False) as p:
+        p.update(1)
+    assert seen == [("search", 1, "off"), ("search", 3, "off")]
+    assert progress._watchers == {"search": []}

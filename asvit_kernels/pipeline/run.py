@@ -4,7 +4,9 @@ progressive re-tokenization, then ``report.md`` with plots.
 Layout of a run directory::
 
     pipeline.json        settings (preset, data, seed), the wall-clock of each stage, the trained genotype,
-                         ``estimate``: the run's estimated total (rewritten after every training epoch)
+                         ``estimate``: the run's estimated total and time left (``pipeline.estimate``:
+                         rewritten after each search step from the first few on, each scaling step
+                         and each training epoch)
     search/              REINFORCE checkpoint (search.topology) and result.json once finished
     scale/               scaling checkpoint (search.scaling) and result.json once finished
     train/               training checkpoints, metrics.jsonl, final weights, result.json
@@ -35,7 +37,7 @@ from asvit_kernels import atomic
 from asvit_kernels.models.asvit import AsViT
 from asvit_kernels.models.counting import count_flops, count_params
 from asvit_kernels.models.genotype import Genotype
-from asvit_kernels.progress import format_duration
+from asvit_kernels.progress import format_duration, watch
 from asvit_kernels.search import distributed
 from asvit_kernels.search.scaling import grow
 from asvit_kernels.search.topology import reinforce
@@ -43,6 +45,7 @@ from asvit_kernels.train import data as data_lib
 from asvit_kernels.train.retokenize import Retokenize, parse_stages
 from asvit_kernels.train.trainer import TrainConfig, Trainer, describe_differences
 
+from .estimate import LiveEstimate, train_estimate
 from .presets import Preset
 from .report import write_report
 
@@ -195,8 +198,10 @@ _METRIC_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "val_acc_ema", "lr
 
 
 def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainConfig, retokenize: str, *,
-              resume: bool = True, on_epoch: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
-    """Train ``genotype`` with progressive re-tokenization; returns the report's "train" section.
+              ema_at_switch: str = "restart", resume: bool = True,
+              on_epoch: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+    """Train ``genotype`` with progressive re-tokenization (``ema_at_switch``: keep or reseed the
+    EMA copies at a switch); returns the report's "train" section.
     ``status`` is "finished", or "interrupted" (SIGTERM or SIGINT, named by ``signal``: checkpointed,
     rerun to continue). ``on_epoch(section)``: after every epoch (rank 0), the section so far."""
     done = _finished(out, "train")
@@ -206,7 +211,7 @@ def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainC
     t0 = time.perf_counter()
     model = build_asvit(genotype, data, config.seed)
     g = Genotype.parse(genotype)
-    strategy = Retokenize(parse_stages(retokenize, g.kernels[0], data.image_size))
+    strategy = Retokenize(parse_stages(retokenize, g.kernels[0], data.image_size), ema_at_switch=ema_at_switch)
     params = count_params(model)
     with torch.random.fork_rng(devices=[]):  # count_flops draws a random image: keep the training RNG as it is
         flops = count_flops(model, data.image_size)
@@ -215,7 +220,8 @@ def run_train(out: Path, data: data_lib.ImageData, genotype: str, config: TrainC
                           f"{strategy.schedule_text(config.epochs)}")
     section = {"genotype": genotype, "params": params, "flops": flops, "epochs": config.epochs,
                "schedule": "retokenize: " + strategy.schedule_text(config.epochs),
-               "ema_decays": list(config.ema_decays), "chance_acc": 100.0 / data.num_classes}
+               "ema_decays": list(config.ema_decays), "ema_at_switch": ema_at_switch,
+               "chance_acc": 100.0 / data.num_classes}
 
     def epoch_done(records: list) -> None:
         if on_epoch is not None:
@@ -283,21 +289,6 @@ class _StageClock:
         return {**result, "seconds": self.calls[stage]}
 
 
-def train_estimate(seconds_this_call: float, epochs_this_call: int, epochs_done: int, epochs: int,
-                   finished: Mapping[str, float], earlier_calls: float = 0.0) -> dict:
-    """The pipeline's time estimate once training has run epochs: the finished stages' measured
-    seconds, plus training = what earlier calls spent + this call's wall-clock so far + the epochs
-    left at this call's mean seconds per epoch (training and evaluation). Written into
-    ``pipeline.json`` as ``estimate`` after every epoch."""
-    per_epoch = seconds_this_call / epochs_this_call if epochs_this_call else 0.0
-    left = max(0, epochs - epochs_done) * per_epoch
-    train = earlier_calls + seconds_this_call + left
-    stages = {k: float(v) for k, v in finished.items() if k != "train"}
-    stages["train"] = train
-    return {"total_seconds": sum(stages.values()), "remaining_seconds": left, "stages": stages,
-            "epochs_measured": epochs_this_call, "seconds_per_epoch": per_epoch, "at": time.time()}
-
-
 def _load_state(state_path: Path, settings: Mapping[str, Any]) -> dict:
     """pipeline.json (new when missing); ValueError naming every changed setting."""
     if not state_path.exists():
@@ -306,6 +297,7 @@ def _load_state(state_path: Path, settings: Mapping[str, Any]) -> dict:
     if not isinstance(state["settings"], dict) or not isinstance(state["seconds"], dict):
         raise ValueError(f"{state_path} is damaged: 'settings' and 'seconds' must be JSON objects")
     state["settings"].get("preset", {}).pop("member", None)  # compared by _check_member (older files kept it)
+    state["settings"].get("preset", {}).setdefault("ema_at_switch", "keep")  # older runs kept the EMA
     diff = describe_differences(state["settings"], settings)
     if diff:
         raise ValueError(f"{state_path.parent} holds a pipeline run with other settings ({diff}); use the same "
@@ -355,12 +347,16 @@ def run_pipeline(run_dir: Union[str, Path], preset: Preset, *, data_path: Option
         if distributed.is_main():
             write_report(run_dir, results)
 
-    search = clock.run("search", run_dir / "search",
-                       lambda: run_search(run_dir / "search", data, preset, seed=seed, progress=progress))
+    live = LiveEstimate(state, save, clock, preset, data, config, seed=seed, device=distributed.device())
+    with watch("search", live.on_search):
+        search = clock.run("search", run_dir / "search",
+                           lambda: run_search(run_dir / "search", data, preset, seed=seed, progress=progress))
     report(search=search)
-    scale = clock.run("scale", run_dir / "scale",
-                      lambda: run_scale(run_dir / "scale", data, preset, search["genotype"], seed=seed,
-                                        progress=progress))
+    live.seed_genotype = search["genotype"]
+    with watch("scaling", live.on_scale):
+        scale = clock.run("scale", run_dir / "scale",
+                          lambda: run_scale(run_dir / "scale", data, preset, search["genotype"], seed=seed,
+                                            progress=progress))
     report(scaling=scale)
     try:
         chosen = choose_member(scale["family"], preset.member)
@@ -388,7 +384,7 @@ def run_pipeline(run_dir: Union[str, Path], preset: Preset, *, data_path: Option
 
     train = clock.run("train", run_dir / "train",
                       lambda: run_train(run_dir / "train", data, genotype, config, preset.retokenize,
-                                        on_epoch=epoch_done))
+                                        ema_at_switch=preset.ema_at_switch, on_epoch=epoch_done))
     report(train=train)
     distributed.barrier()
     return results
