@@ -11,6 +11,8 @@ with a document mask, and flash-attn / xformers when installed, on ViT-shaped wo
     python bench/attention.py                  # CPU: 1/16 of the batch counts (d: 2), fp32
     python bench/attention.py --device cuda    # GPU: full size, bf16, every backend that runs
 
+    python bench/attention.py --useful-work    # only the Triton tiles' useful-work fractions (a count)
+
 Every method's output and input gradients are first checked against
 ``varlen_attention(..., backend="torch")``; a method that fails to run or disagrees is recorded as
 "n/a: <reason>" and not timed. Prints a table and writes bench/results/attention_<machine>.{json,md,png}.
@@ -81,6 +83,26 @@ def reference(w):
         out = torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
                          for a, b in zip(bounds[:-1], bounds[1:])])
     return out.detach(), torch.autograd.grad(out, (q, k, v), w.dout)
+
+
+def useful_work_fraction(lens: list[int], head_dim: int, dtype: torch.dtype, arch: int, tiling=None) -> float:
+    """Useful score entries / score entries the Triton kernels' tiles compute, forward + backward
+    (fwd, dq and dk/dv), with the tiles and per-call tiling the launchers choose on ``arch``
+    (``tiling``: force "packed" or "per_seq"). A count from the tile sizes, not a timing."""
+    from asvit_kernels.triton import attention_config as ac
+
+    counts = {}
+    for kernel in ("fwd", "dq", "dkdv"):
+        cfg = ac.attention_config(dtype, head_dim, arch, kernel)
+        rows, other = (cfg.block_n, cfg.block_m) if kernel == "dkdv" else (cfg.block_m, cfg.block_n)
+        mode = tiling or ac.choose_tiling(sum(lens), sum(lens), len(lens), max(lens), max(lens), rows, other)
+        n = ac.computed_score_entries(lens, lens, cfg.block_m, cfg.block_n, mode)
+        counts[kernel] = n["dkdv" if kernel == "dkdv" else "fwd"]
+        counts["useful"] = n["useful"]
+    return 3 * counts["useful"] / (counts["fwd"] + counts["dq"] + counts["dkdv"])
+
+
+USEFUL_ARCHS = (80, 90)
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -222,6 +244,19 @@ def bench_method(make, w, ref, tol, min_run_time) -> dict:
     return row
 
 
+def print_useful_work(all_work: dict, keys: list[str], dtype: torch.dtype) -> None:
+    """Per workload and arch: the useful-work fraction of packed tiles (the only tiling before
+    per-call tiling), of per-sequence tiles, and of the launcher's choice."""
+    rows = []
+    for key in keys:
+        lens, head_dim = all_work[key]
+        for arch in USEFUL_ARCHS:
+            rows.append({"workload": key, "arch": f"sm_{arch}", "sequences": len(lens),
+                         **{t: useful_work_fraction(lens, head_dim, dtype, arch, t) for t in ("packed", "per_seq")},
+                         "chosen": useful_work_fraction(lens, head_dim, dtype, arch)})
+    print(harness.table(rows, ["workload", "arch", "sequences", "packed", "per_seq", "chosen"]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -235,6 +270,8 @@ def main(argv=None):
                     help="varlen_attention backends, comma list (default: what runs here, interpreter excluded)")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--useful-work", action="store_true",
+                    help="print only the Triton tiles' useful-work fractions (packed, per-sequence, chosen)")
     args = ap.parse_args(argv)
 
     device = args.device
@@ -252,16 +289,20 @@ def main(argv=None):
     if unknown := set(keys) - set(all_work):
         ap.error(f"unknown workloads {sorted(unknown)}; choose from {','.join(all_work)}")
     tol = TOLERANCE[dtype]
+    useful_cols = [f"triton_useful_sm{a}" for a in USEFUL_ARCHS]
     cols = ["workload", "shape", "method", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops",
-            "max_abs_diff", "grad_max_abs_diff", "note"]
+            "max_abs_diff", "grad_max_abs_diff", *useful_cols, "note"]
+    if args.useful_work:
+        return print_useful_work(all_work, keys, dtype)
     rows = []
     for key in keys:
         lens, head_dim = all_work[key]
         w = make_work(lens, args.heads, head_dim, device, dtype)
         ref = reference(w)
+        useful = {c: useful_work_fraction(lens, head_dim, dtype, a) for c, a in zip(useful_cols, USEFUL_ARCHS)}
         for name, make in methods(device, varlen_backends).items():
             rows.append({"workload": key, "shape": w.shape, "method": name,
-                         **bench_method(make, w, ref, tol, args.min_run_time)})
+                         **bench_method(make, w, ref, tol, args.min_run_time), **useful})
             print(harness.table(rows[-1:], cols), flush=True)
         del w, ref
         if device == "cuda":
@@ -276,7 +317,10 @@ def main(argv=None):
                  f"(a 256x197, b 256 cycling 50/197/257, c 1024x49, d 32x3136, e = a with head dim 45). "
                  f"Median ms. TFLOP/s counts useful work only: forward 4*sum(len_b^2)*H*D (QK^T and PV); "
                  f"forward+backward {FWD_BWD_FLOP_FACTOR}x that (backward = 2.5x forward, flash-attn convention); "
-                 f"padded methods get no credit for padding. Each method runs in its own layout (packed, "
+                 f"padded methods get no credit for padding. triton_useful_smXX: useful score entries / entries "
+                 f"the Triton kernels' tiles compute (fwd + dq + dk/dv), with the tiles the launcher picks for "
+                 f"{info['dtype']} on that arch: a count, not a timing, the same for every row of a workload. "
+                 f"Each method runs in its own layout (packed, "
                  f"padded (B,N,H,D), (1,H,total,D)); packing, masks and compilation are outside the timing. "
                  f"Forward is timed under no_grad; forward+backward computes dq, dk, dv. sdpa_padded* pass a "
                  f"key-padding mask only when lengths differ. Before timing, every output and gradient is "

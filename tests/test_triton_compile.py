@@ -11,10 +11,11 @@ maximum of CUDA's "Technical Specifications per Compute Capability" table: sm_80
 99 KB, sm_90 227 KB); no register spills (local memory) on the fp16/bf16 paths. fp32 spills are
 reported, not asserted (the ieee fp32 ``tl.dot`` is an FMA loop).
 
-Coverage: by default the bounding subset, 29 compiles (a few minutes on two loaded cores): on each of
+Coverage: by default the bounding subset, 38 compiles (a few minutes on two loaded cores): on each of
 sm_80, sm_86 and sm_90 the three attention kernels at fp32 head dim 160 (padded to 256: the most
 shared memory), bf16 at 256 (dq), 45 (fwd: non-power-of-two) and 64 (dkdv), the 64-row tiles with
-the most registers, and the elastic matmul's large fp32 tile, its bf16 split-K weight gradient and
+the most registers, bf16 at 64 with every optional feature on (causal, window, softcap, ALiBi,
+dropout, per-sequence tiles), and the elastic matmul's large fp32 tile, its bf16 split-K weight gradient and
 split-K reduction; on sm_80 also its bf16 forward and
 the Gram. ``ASVIT_COMPILE_FULL=1`` compiles the full matrix
 (every kernel x arch x fp32/fp16/bf16 x head dims 32, 45, 64, 80, 128, 160, 256, and tf32), and
@@ -65,6 +66,10 @@ def _cases(full: bool) -> list[dict]:
             for dt, d, prec in combos:
                 out.append(dict(kind="attention", kernel=kernel, arch=arch, dtype=dt, head_dim=d,
                                 precision=prec))
+            # Every feature at once (causal, window, softcap, ALiBi, dropout; per-sequence tiles): the
+            # most registers of the feature code, at the 64-row tiles of head dim 64.
+            out.append(dict(kind="attention", kernel=kernel, arch=arch, dtype="bf16", head_dim=64,
+                            precision="ieee", features=True))
         variants = ("fwd", "dw", "dw_split", "reduce")
         mm = [(dt, size, var) for dt in DTYPES for size in ("large", "small") for var in variants]
         if full:
@@ -82,7 +87,7 @@ def _cases(full: bool) -> list[dict]:
 
 def _case_id(c: dict) -> str:
     if c["kind"] == "attention":
-        p = "" if c["precision"] == "ieee" else "-tf32"
+        p = ("" if c["precision"] == "ieee" else "-tf32") + ("-features" if c.get("features") else "")
         return f"attn_{c['kernel']}-sm{c['arch']}-{c['dtype']}{p}-d{c['head_dim']}"
     if c["kind"] == "matmul":
         return f"matmul_{c['kernel']}-sm{c['arch']}-{c['dtype']}-{c['size']}"
@@ -104,31 +109,35 @@ def _specs(c: dict):
         from asvit_kernels.triton import varlen_attention as va
 
         D, H, T = c["head_dim"], 8, 4096
-        cfg = va.attention_config(tdt, D, c["arch"], c["kernel"])
-        const = dict(GROUP=1, CAUSAL=False, PRECISION=c["precision"], BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+        feats = c.get("features", False)  # window + softcap + alibi + dropout, per-sequence tiles, causal
+        cfg = va.attention_config(tdt, D, c["arch"], c["kernel"], dropout=feats)
+        const = dict(GROUP=1, CAUSAL=feats, PRECISION=c["precision"], BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, HAS_WINDOW=feats, HAS_SOFTCAP=feats,
+                     HAS_ALIBI=feats, HAS_DROPOUT=feats, PER_SEQ=feats)
         st = (H * D, D)  # contiguous (T, H, D)
+        extras = dict(ALIBI="*fp32", softcap="fp32", win_left=-1, win_right=-1, dropout_p="fp32", seed=12345,
+                      tiles_per_seq=4)
         if c["kernel"] == "fwd":
             fn = va._fwd_kernel
             args = dict(Q=P, K=P, V=P, O=P, LSE="*fp32", SEQ_Q="*i32", CU_Q="*i32", CU_K="*i32",
                         scale="fp32")
             for n in ("q", "k", "v", "o"):
                 args[f"stride_{n}t"], args[f"stride_{n}h"] = st
-            args.update(total_q=T, D=D)
+            args.update(total_q=T, D=D, **extras)
         elif c["kernel"] == "dq":
             fn = va._bwd_dq_kernel
             args = dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DQ=P, SEQ_Q="*i32",
                         CU_Q="*i32", CU_K="*i32", scale="fp32")
             for n in ("q", "k", "v", "do", "dq"):
                 args[f"stride_{n}t"], args[f"stride_{n}h"] = st
-            args.update(total_q=T, D=D)
+            args.update(total_q=T, D=D, **extras)
         else:
             fn = va._bwd_dkdv_kernel
             args = dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DK=P, DV=P, SEQ_K="*i32",
                         CU_Q="*i32", CU_K="*i32", scale="fp32")
             for n in ("q", "k", "v", "do", "dk", "dv"):
                 args[f"stride_{n}t"], args[f"stride_{n}h"] = st
-            args.update(total_q=T, total_k=T, D=D)
+            args.update(total_q=T, total_k=T, D=D, **extras)
         desc = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"
         return fn, args, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), desc
     if c["kind"] == "matmul":
@@ -298,7 +307,7 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["kind"], r["kernel"], r["arch"], r["dtype"], r.get("precision", ""),
                                             r.get("head_dim", 0), r.get("size", ""))):
-        dt = r["dtype"] + ("-tf32" if r.get("precision") == "tf32" else "")
+        dt = r["dtype"] + ("-tf32" if r.get("precision") == "tf32" else "") + ("+features" if r.get("features") else "")
         hd = r.get("head_dim", r.get("size", "-"))
         name = {"attention": "attn_", "matmul": "matmul_", "gram": ""}[r["kind"]] + r["kernel"]
         if "error" in r:
