@@ -14,8 +14,8 @@
 #   ASVIT_SASS_OUT=build/sass-base  (outputs elsewhere; default build/sass)
 #
 # Toolkits: CUDA 13 is the nvcc on PATH (or CUDA13_HOME). CUDA 12.4 is CUDA12_HOME, else the one
-# scripts/wheels.sh assembles under $ASVIT_WHEEL_WORK (default build/wheels; reused when already
-# there, as after CI's wheels step), else it is assembled here with wheels.sh's own functions.
+# scripts/wheels.sh assembles under $ASVIT_WHEEL_WORK (default build/wheels), reused when it has
+# nvdisasm, else assembled here (once, under build/sass/cu12) by wheels.sh's own functions.
 # cuobjdump and the nvdisasm it runs: CUDA 13.0's bin/ has neither, so for sm_80/sm_90 they come
 # from PyPI's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels (13.2.51; pip download,
 # unpacked under build/sass/tools, reused); sm_70 uses the CUDA 12.4 toolkit's (see below).
@@ -174,8 +174,8 @@ def expect_hmma(arch, name):
     """True: must have HMMA, False: must have none (an FMA path), None: not checked."""
     m = re.match(r"(varlen_fwd_kernel|varlen_bwd_dq_kernel|varlen_bwd_dkdv_kernel|psg_partial_kernel)"
                  r"<(float|__half|__nv_bfloat16)(?:, (\d+))?, (true|false)>", name)
-    if not m:
-        return None if "delta" in name or "reduce" in name or "layer_norm" in name else None
+    if not m:  # delta, reduction and LayerNorm kernels: no tile products
+        return None
     kernel, dtype, kd, tc = m.groups()
     sm80 = int(arch[3:]) >= 80
     if tc == "false":
