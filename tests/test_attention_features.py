@@ -106,6 +106,21 @@ def test_self_attention_and_mixed_lengths():
     check_against_reference("torch", torch.float32, dict(window_size=(0, 2)), False, lens, lens, seed=4, tol=2e-6)
 
 
+def test_a_window_alone_keeps_the_cpu_flash_kernel(monkeypatch):
+    """A window alone runs as the CPU flash kernel with an additive mask (groups whose rows all
+    see a key); softcap, ALiBi or dropout take the exact path. Both equal the reference."""
+    if tb._FLASH is None:
+        pytest.skip("this torch has no aten::_scaled_dot_product_flash_attention_for_cpu")
+    calls = []
+    fwd = tb._FLASH
+    monkeypatch.setattr(tb, "_FLASH", lambda *a, **kw: calls.append(1) or fwd(*a, **kw))
+    check_against_reference("torch", torch.float32, dict(window_size=(3, 1)), True, tol=2e-6)
+    assert calls
+    calls.clear()
+    check_against_reference("torch", torch.float32, dict(window_size=(3, 1), softcap=2.0), True, tol=2e-6)
+    assert not calls
+
+
 def test_window_rows_that_see_no_key_when_len_q_exceeds_len_k():
     """window (1, 0) with len_q > len_k: rows whose window ends before key 0 see no key (output 0,
     lse -inf, zero gradient); the next see one key, then two."""
@@ -299,8 +314,10 @@ def test_bad_feature_arguments_raise_naming_them(kwargs, exc, msg):
 
 # ------------------------------------------------------------------------------ non-finite
 
+@pytest.mark.parametrize("extra", [{}, dict(softcap=3.0, alibi_slopes=torch.full((H,), 0.2))],
+                         ids=["window", "window+softcap+alibi"])
 @pytest.mark.parametrize("where,bad", [("k", math.nan), ("v", math.nan), ("v", math.inf)])
-def test_non_finite_reaches_only_the_rows_whose_window_sees_it(where, bad):
+def test_non_finite_reaches_only_the_rows_whose_window_sees_it(where, bad, extra):
     """A NaN/inf key or value in one sequence under a (2, 1) window (softcap, ALiBi on): exactly
     the rows whose window holds it are non-finite, forward and dq; other rows and other sequences
     match the reference. (An inf key is left out: softcap's tanh maps its score to a finite one.)"""
@@ -309,7 +326,7 @@ def test_non_finite_reaches_only_the_rows_whose_window_sees_it(where, bad):
     j = 3
     (k0 if where == "k" else v0)[6 + j, 1, 4] = bad
     leaves = [t.clone().requires_grad_() for t in (q0, k0, v0)]
-    kw = dict(window_size=(2, 1), softcap=3.0, alibi_slopes=torch.full((H,), 0.2))
+    kw = dict(window_size=(2, 1), **extra)
     out = ak.varlen_attention(*leaves, cu, cu, backend="torch", **kw)
     out.backward(dy)
     reach = torch.zeros(sum(lens), H, dtype=torch.bool)
@@ -318,7 +335,8 @@ def test_non_finite_reaches_only_the_rows_whose_window_sees_it(where, bad):
     assert torch.equal(~torch.isfinite(out).all(-1), reach)
     assert torch.equal(~torch.isfinite(leaves[0].grad).all(-1), reach)
     ref = [t.clone().requires_grad_() for t in (q0, k0, v0)]
-    want = varlen_attention_features(*ref, cu, cu, None, False, (2, 1), 3.0, kw["alibi_slopes"])
+    want = varlen_attention_features(*ref, cu, cu, None, False, (2, 1), kw.get("softcap", 0.0),
+                                     kw.get("alibi_slopes"))
     want.backward(dy)
     assert rel_err(out[~reach], want[~reach]) <= TOL[torch.float64]
     assert rel_err(leaves[0].grad[~reach], ref[0].grad[~reach]) <= TOL[torch.float64]

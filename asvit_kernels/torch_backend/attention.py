@@ -6,7 +6,8 @@ evenly spaced (equal windows, a re-tokenization stage, cycling lengths), no (L, 
 Groups the kernel cannot serve exactly take the hand-rolled path: groups holding NaN/inf (its causal
 tiles multiply masked zeros by them, and a NaN in q can come out finite, so the inputs are checked,
 not the outputs), other devices, and long causal cross-attention with
-len_q < len_k (which needs an (Lq, Lk) mask). That path batches each group into matmuls in chunks
+len_q < len_k (which needs an (Lq, Lk) mask), and flash-attn's softcap, ALiBi and dropout (a window
+alone is an additive mask for the kernel, where it is small and every row sees a key). That path batches each group into matmuls in chunks
 of query rows, so its memory is linear in the length too (``_SCORE_BUDGET``). Forward returns the
 log-sum-exp for the backward, which recomputes probabilities from it (flash-attention's contract)."""
 from __future__ import annotations
@@ -64,13 +65,23 @@ def _chunks(n: int, H: int, Lq: int, Lk: int, window, device):
     for i0 in range(0, Lq, step):
         rows = slice(i0, min(i0 + step, Lq))
         seen = None
-        if left >= 0 or right >= 0:  # rows i0.. of the reference's visible_mask, not the whole of it
-            i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (Lk - Lq)
-            j = torch.arange(Lk, device=device)[None, :]
-            seen = (j >= i - left) if left >= 0 else None
-            if right >= 0:
-                seen = (j <= i + right) if seen is None else seen & (j <= i + right)
+        if left >= 0 or right >= 0:
+            seen = _visible(rows.start, rows.stop, Lq, Lk, window, device)
         yield rows, seen
+
+
+def _visible(i0: int, i1: int, Lq: int, Lk: int, window, device) -> torch.Tensor:
+    """Rows i0..i1 of the reference's ``visible_mask`` (window (left, right), causal folded in),
+    without building the whole of it."""
+    left, right = window
+    i = torch.arange(i0, i1, device=device)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk, device=device)[None, :]
+    seen = torch.ones(i1 - i0, Lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    return seen
 
 
 def _scores(qb, kb, scale: float, x: Optional["_ChunkExtras"]):
@@ -192,6 +203,11 @@ class Features(NamedTuple):
         if w == _window(causal) and not softcap > 0 and alibi is None and not dropout_p > 0:
             return None
         return Features(w, float(softcap), alibi, float(dropout_p), int(seed))
+
+    @property
+    def window_only(self) -> bool:
+        """Only a window: the CPU flash kernel serves it with an additive mask (exact)."""
+        return not self.softcap > 0 and self.alibi is None and not self.dropout_p > 0
 
     def chunk(self, g: "_Group", rows: slice, H: int, acc: torch.dtype, device) -> _ChunkExtras:
         bias = keep = None
@@ -317,18 +333,21 @@ def _use_flash(t: torch.Tensor) -> bool:
     return _FLASH is not None and _FLASH_BWD is not None and t.device.type == "cpu"
 
 
-def _flash_serves(Lq: int, Lk: int, causal: bool) -> bool:
-    """Causal with len_q < len_k needs an (Lq, Lk) mask (bottom-right): only while it is small."""
-    return not (causal and Lq < Lk and Lq * Lk > _SCORE_BUDGET)
-
-
-def _flash_args(q: torch.Tensor, Lq: int, Lk: int, causal: bool):
-    """(is_causal, attn_mask) for the kernel: top-left causal on square problems, an additive mask
-    for len_q < len_k (len_q > len_k was split off by ``_plan``)."""
-    if not causal or Lq == Lk:
-        return causal, None
-    i = torch.arange(Lq, device=q.device)[:, None]
-    seen = torch.arange(Lk, device=q.device)[None, :] <= i + (Lk - Lq)
+def _flash_args(q: torch.Tensor, Lq: int, Lk: int, causal: bool, window=None):
+    """(is_causal, attn_mask) for the kernel on one group, or None where it cannot serve it
+    exactly: top-left causal on square problems; else an additive (Lq, Lk) mask (causal len_q <
+    len_k, bottom-right; a ``window``, causal folded in), only while the mask is small and every
+    row sees a key (a fully masked row is not the kernel's zero; len_q > len_k causal rows that see
+    none were split off by ``_plan``)."""
+    if window is None:
+        if not causal or Lq == Lk:
+            return causal, None
+        window = (-1, 0)
+    if Lq * Lk > _SCORE_BUDGET:
+        return None
+    seen = _visible(0, Lq, Lq, Lk, window, q.device)
+    if not bool(seen.any(-1).all()):
+        return None
     return False, torch.zeros(Lq, Lk, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
 
 
@@ -347,12 +366,14 @@ def _window(causal: bool, window=(-1, -1)) -> tuple:
 def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool, *, window=(-1, -1),
                    softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0):
     """Output (total_q, H, D) and lse (H, total_q). The keywords are flash-attn's features (see
-    ``Features``); a call that uses one runs every group on the exact path."""
+    ``Features``): a window alone keeps the CPU flash kernel (an additive mask) where
+    ``_flash_args`` allows; softcap, ALiBi or dropout run every group on the exact path."""
     features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     H = q.shape[1]
     acc = _acc_dtype(q.dtype)
     plan = _plan(cu_q, cu_k, causal)
-    flash = features is None and _use_flash(q)
+    flash = _use_flash(q) and (features is None or features.window_only)
+    window = None if features is None else features.window
     clean = flash and _finite(q, k, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)   # the groups cover every row
     lse = torch.empty((H, q.shape[0]), dtype=acc, device=q.device)
@@ -362,11 +383,12 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool
             _put(out, qst, Lq, 0.0)
             _put(_lse_rows(lse), qst, Lq, float("-inf"))
             continue
-        if flash and _flash_serves(Lq, Lk, causal):
+        args = _flash_args(q, Lq, Lk, causal, window) if flash else None
+        if args is not None:
             qb, kb, vb = _seqs(q, qst, Lq), _seqs(k, kst, Lk), _seqs(v, kst, Lk)
             if clean or _finite(qb, kb, vb):
                 kb, vb, _ = _kv_for(kb, vb, H)
-                is_causal, mask = _flash_args(q, Lq, Lk, causal)
+                is_causal, mask = args
                 o, m = _FLASH(qb, kb, vb, 0.0, is_causal, attn_mask=mask, scale=scale)
                 if len(plan) == 1:  # one group holds every row: the kernel's (n, L, H, D) is `out`
                     out = o.transpose(1, 2).reshape(q.shape)
@@ -387,7 +409,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
     features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     H = q.shape[1]
     plan = _plan(cu_q, cu_k, causal)
-    flash = features is None and _use_flash(q)
+    flash = _use_flash(q) and (features is None or features.window_only)
+    window = None if features is None else features.window
     clean = flash and _finite(dout, q, k, v)
     keys_seen = sum(len(g.k_starts) * g.Lk for g in plan)  # keys of query-less sequences get 0
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -398,13 +421,14 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
         if Lk == 0:
             _put(dq, qst, Lq, 0.0)
             continue
-        if flash and _flash_serves(Lq, Lk, causal):
+        args = _flash_args(q, Lq, Lk, causal, window) if flash else None
+        if args is not None:
             qb, dob = _seqs(q, qst, Lq), _seqs(dout, qst, Lq)
             kb, vb = _seqs(k, kst, Lk), _seqs(v, kst, Lk)
             if clean or _finite(qb, kb, vb, dob):
                 ob, m = _seqs(out, qst, Lq), _seqs(_lse_rows(lse), qst, Lq).squeeze(-1)
                 kx, vx, repeated = _kv_for(kb, vb, H)
-                is_causal, mask = _flash_args(q, Lq, Lk, causal)
+                is_causal, mask = args
                 gq, gk, gv = _FLASH_BWD(dob, qb, kx, vx, ob, m.to(_acc_dtype(q.dtype)), 0.0, is_causal,
                                         attn_mask=mask, scale=scale)
                 if repeated:  # a kv head's gradient sums over the query heads that share it
