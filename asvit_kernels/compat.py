@@ -30,8 +30,8 @@ the float64 reference ``reference.attention.varlen_attention_features``): ``wind
 (left, right) local attention, ``softcap``, ``alibi_slopes`` ((H,) or (batch, H) float32) and
 ``dropout_p`` in [0, 1) (the seed is drawn from torch's default generator of q's device; the
 mask comes from our backend's own RNG, not flash-attn's Philox stream, so outputs under dropout
-match flash-attn in distribution, not bit for bit). The CUDA extension backend implements none of
-them: such calls run on Triton or torch. With ``return_attn_probs=True`` and dropout the result
+match flash-attn in distribution, not bit for bit). The CUDA extension and torch_flash implement
+none of them: such calls run on Triton or torch. With ``return_attn_probs=True`` and dropout the result
 is still ``(out, softmax_lse, None)``: the dropout mask is not returned (flash-attn returns it
 for testing only; ``dropout_keep_mask`` of a backend module gives ours).
 

@@ -5,11 +5,12 @@ backward) on an ``(n, H, L, D)`` view of the packed tensors: no copy when the gr
 evenly spaced (equal windows, a re-tokenization stage, cycling lengths), no (L, L) score matrix.
 Groups the kernel cannot serve exactly take the hand-rolled path: groups holding NaN/inf (its causal
 tiles multiply masked zeros by them, and a NaN in q can come out finite, so the inputs are checked,
-not the outputs), other devices, and long causal cross-attention with
-len_q < len_k (which needs an (Lq, Lk) mask), and flash-attn's softcap, ALiBi and dropout (a window
-alone is an additive mask for the kernel, where it is small and every row sees a key). That path batches each group into matmuls in chunks
-of query rows, so its memory is linear in the length too (``_SCORE_BUDGET``). Forward returns the
-log-sum-exp for the backward, which recomputes probabilities from it (flash-attention's contract)."""
+not the outputs), other devices, long causal cross-attention with len_q < len_k (which needs an
+(Lq, Lk) mask), and flash-attn's softcap, ALiBi and dropout (a window alone is an additive mask for
+the kernel, where it is small and every row sees a key). That path batches each group into
+matmuls in chunks of query rows, so its memory is linear in the length too (``_SCORE_BUDGET``).
+Forward returns the log-sum-exp for the backward, which recomputes probabilities from it
+(flash-attention's contract)."""
 from __future__ import annotations
 
 import functools
