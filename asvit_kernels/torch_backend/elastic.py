@@ -159,6 +159,15 @@ def _affine(p: Optional[torch.Tensor], runs) -> Optional[torch.Tensor]:
     return torch.cat([p[r.src:r.src + r.length] for r in runs])
 
 
+def layer_norm_composite(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], offset: int,
+                         eps: float) -> torch.Tensor:
+    """``F.layer_norm`` over ``x``'s last dim with the range's affine entries as autograd views (a
+    cat of two for a wrapping range): the gradients reach the full-size parameters through
+    PyTorch's slice/cat backward, with no Python in the backward pass."""
+    runs = pieces((offset, x.shape[-1]), weight.shape[0])
+    return F.layer_norm(x, (x.shape[-1],), _affine(weight, runs), _affine(bias, runs), eps)
+
+
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], offset: int,
                        eps: float):
     """``x`` (rows, width) -> (y, mean, rstd); statistics in float32 (float64 for float64 input)."""
