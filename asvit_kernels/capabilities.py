@@ -74,14 +74,14 @@ class Capability:
 
 
 _TORCH_ATTENTION = Capability(
-    ("cpu", "cuda", "mps", "xpu"), ALL_DTYPES,
+    ("cpu", "cuda", "mps", "xpu"), ALL_DTYPES, features=frozenset(ATTENTION_FEATURES),
     how="plain PyTorch: the CPU flash kernel per group of equal lengths, else batched matmuls")
 
 TABLE: dict[str, dict[str, Capability]] = {
     "varlen_attention": {
         "torch": _TORCH_ATTENTION,
-        "triton": Capability(("cuda", "cpu"), KERNEL_DTYPES, tensor_cores=triton_tensor_cores,
-                             how="Triton flash-attention tiles over packed rows (tl.dot)"),
+        "triton": Capability(("cuda", "cpu"), KERNEL_DTYPES, features=frozenset(ATTENTION_FEATURES),
+                             tensor_cores=triton_tensor_cores, how="Triton flash-attention tiles over packed rows (tl.dot)"),
         "cuda": Capability(("cuda",), KERNEL_DTYPES, min_arch=70, tensor_cores=wmma_tensor_cores,
                            how="the compiled extension's flash-attention tiles (WMMA)"),
         "torch_flash": Capability(("cuda",), HALF, min_arch=80, head_dim=_flash2_head_dim,

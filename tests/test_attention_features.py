@@ -3,6 +3,7 @@ alone and combined, causal or not, GQA, head dim 45, empty and one-token sequenc
 forward, lse and gradients against the float64 reference ``varlen_attention_features`` fed the
 backend's own dropout keep mask; dropout statistically and by seed; gradcheck; argument errors;
 the cuda backend refused with the feature named; NaN isolation under a window."""
+import dataclasses
 import importlib
 import math
 
@@ -128,14 +129,8 @@ def test_window_rows_that_see_no_key_when_len_q_exceeds_len_k():
 
 
 @pytest.mark.parametrize("device,name", [c for c in cases("varlen_attention") if c.values[1] == "triton"])
-def test_triton_takes_features_or_says_it_does_not(device, name):
-    """Helper kernels: until the Triton launchers take the feature keywords, backend='triton'
-    raises naming the feature; once they do, they match the reference (interpreter: fp32, fp16)."""
-    if not op._triton_takes_features():
-        q0, k0, v0, _, cu_q, cu_k = _inputs(LENS_Q, LENS_K, torch.float32, 0)
-        with pytest.raises(RuntimeError, match="Triton kernels do not implement softcap"):
-            ak.varlen_attention(q0.float(), k0.float(), v0.float(), cu_q, cu_k, softcap=1.0, backend=name)
-        return
+def test_triton_takes_the_features(device, name):
+    """The Triton kernels match the reference on each feature (interpreter: fp32, fp16)."""
     # each feature once, causal or not, fp32 and fp16 (the kernels' own tests cover more)
     for feature, causal, dtype in [("window", True, torch.float32), ("softcap", False, torch.float16),
                                    ("alibi_bh", True, torch.float16), ("dropout", False, torch.float32),
@@ -244,18 +239,22 @@ def test_cuda_backend_is_refused_naming_the_feature(monkeypatch):
     """The CUDA extension (and torch_flash) have no features: auto-dispatch on CUDA passes them
     over with the features named, and backend='cuda' raises naming them (availability and the
     capability table faked: this is the op's dispatch, before any kernel)."""
-    limits = op._feature_limits(["window_size", "dropout_p"])
     for arch in (80, 90):
         verdicts = {v.backend: v for v in backends.explain("varlen_attention", torch.device("cuda"), torch.float16,
-                                                            limits=limits, arch=arch, check_available=False)}
+                                                            features=("window", "dropout"), arch=arch,
+                                                            check_available=False)}
         assert not verdicts["cuda"].chosen and not verdicts["torch_flash"].chosen
         for name in ("cuda", "torch_flash"):
-            assert "does not implement window_size, dropout_p" in verdicts[name].reason
+            assert "does not implement dropout, window" in verdicts[name].reason
     monkeypatch.setattr(backends, "why_unavailable", lambda name, device: None)
-    monkeypatch.setattr(backends.capabilities, "refusal", lambda *a, **kw: None)
+    for b in ("cuda", "torch_flash"):  # their declared capability, except that it takes these CPU fp32 tensors
+        cap = backends.capabilities.TABLE["varlen_attention"][b]
+        monkeypatch.setitem(backends.capabilities.TABLE["varlen_attention"], b, dataclasses.replace(
+            cap, devices=("cuda", "cpu"), dtypes=backends.capabilities.KERNEL_DTYPES, min_arch=None,
+            head_dim=lambda d: None))
     q0, k0, v0, _, cu_q, cu_k = _inputs(LENS_Q, LENS_K, torch.float32, 0)
-    for kw, name in [(dict(window_size=(2, 2)), "window_size"), (dict(softcap=1.0), "softcap"),
-                     (dict(alibi_slopes=torch.ones(H)), "alibi_slopes"), (dict(dropout_p=0.1), "dropout_p")]:
+    for kw, name in [(dict(window_size=(2, 2)), "window"), (dict(softcap=1.0), "softcap"),
+                     (dict(alibi_slopes=torch.ones(H)), "alibi"), (dict(dropout_p=0.1), "dropout")]:
         for backend in ("cuda", "torch_flash"):
             with pytest.raises(RuntimeError, match=f"does not implement {name}"):
                 ak.varlen_attention(q0.float(), k0.float(), v0.float(), cu_q, cu_k, backend=backend, **kw)

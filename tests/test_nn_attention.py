@@ -213,13 +213,6 @@ def test_packed_forward_equals_per_sequence(device, backend):
         attn(packed[None], cu_seqlens=cu)
 
 
-def test_dropout_in_training_is_refused_on_the_kernel_path_not_ignored():
-    attn = Attention(16, 2, attn_drop=0.1).train()
-    with pytest.raises(NotImplementedError, match="dropout_p=0.1"):
-        attn(torch.randn(1, 4, 16))
-    attn.eval()(torch.randn(1, 4, 16))  # eval: no dropout, runs
-
-
 def test_attn_dim_other_than_dim():
     """q, k and v of width attn_dim != dim (a ViTAS sub-network's layer): qkv dim -> 3 * attn_dim,
     proj attn_dim -> dim, same function as the plain computation."""

@@ -3,8 +3,6 @@ torch.library custom op with autograd, over the torch / triton / cuda backends; 
 ``(B, H, N, D)`` form with per-sample lengths."""
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from typing import Optional
 
@@ -191,36 +189,6 @@ def _draw_seed(generator, device: torch.device) -> int:
     return int(torch.randint(0, 2 ** 31, (1,), device=device, generator=generator).item())
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_takes_features() -> bool:
-    """Whether the Triton launchers take the feature keywords (helper kernels may land later)."""
-    from ..triton import varlen_attention as m
-    params = inspect.signature(m.varlen_forward).parameters.values()
-    names = {p.name for p in params}
-    return any(p.kind is p.VAR_KEYWORD for p in params) or {"window", "softcap", "alibi", "dropout_p"} <= names
-
-
-_NO_FEATURES = {"cuda": "the CUDA extension", "torch_flash": "PyTorch's FlashAttention-2 (torch_flash)"}
-
-
-def _feature_limits(used: list) -> Optional[backends.Check]:
-    """``backends.pick``'s limits for a call using flash-attn's features ``used``: the cuda extension
-    and torch_flash implement none of them, so auto-dispatch skips them and an explicit choice
-    raises naming the features. (``capabilities.TABLE`` declares no features for any backend yet,
-    so they are not passed to it as ``features=``: that would refuse the torch backend too.)"""
-    if not used:
-        return None
-    names = ", ".join(used)
-
-    def limits(backend: str) -> Optional[str]:
-        if backend in _NO_FEATURES:
-            return f"{_NO_FEATURES[backend]} does not implement {names} (the triton and torch backends do)"
-        if backend == "triton" and not _triton_takes_features():
-            return f"the Triton kernels do not implement {names} yet (the torch backend does)"
-        return None
-    return limits
-
-
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor] = None,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, causal: bool = False,
@@ -319,12 +287,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     right = 0 if causal else right
     causal = causal or (left, right) == (-1, 0)
     window = (left, right) if (left, right) != ((-1, 0) if causal else (-1, -1)) else (-1, -1)
-    used = [name for name, on in (("window_size", window != (-1, -1)), ("softcap", softcap > 0),
-                                  ("alibi_slopes", alibi is not None), ("dropout_p", dropout_p > 0)) if on]
+    used = [name for name, on in (("window", window != (-1, -1)), ("softcap", softcap > 0),
+                                  ("alibi", alibi is not None), ("dropout", dropout_p > 0)) if on]
     if used and window == (-1, -1) and causal:
         window = (-1, 0)  # the backends get the folded window whenever a feature is used
-    impl = backends.pick("varlen_attention", q.device, backend, q.dtype, limits=_feature_limits(used),
-                         head_dim=D)
+    impl = backends.pick("varlen_attention", q.device, backend, q.dtype, head_dim=D, features=used)
     seed = _draw_seed(generator, q.device) if dropout_p > 0 else 0
     if _transforms.active():
         if return_lse:  # the composite form computes no statistics
