@@ -170,3 +170,20 @@ def test_estimate_training_times_the_evaluation_passes(one_thread):
     no_ema = estimate_training(member, data, train_config(preset("quick"), epochs=3, ema_decays=(),
                                                           eval_batch_size=100), timed=1)
     assert (no_ema["eval_batches"], no_ema["evaluations"], no_ema["eval_batch_size"]) == (4, 3, 100)  # 359 images
+
+
+def test_a_run_from_before_ema_at_switch_resumes_as_keep(tmp_path):
+    """pipeline.json written before the option has no preset.ema_at_switch: those runs kept the EMA,
+    so they resume with keep and refuse the new default, naming the setting."""
+    from asvit_kernels import atomic
+    from asvit_kernels.pipeline.presets import preset
+    from asvit_kernels.pipeline.run import _load_state
+    def settings(mode):  # as run_pipeline stores them: JSON types, no member
+        p = {k: v for k, v in preset("quick").with_(ema_at_switch=mode).to_dict().items() if k != "member"}
+        return json.loads(json.dumps({"preset": p, "seed": 0}))
+    old = settings("keep")
+    del old["preset"]["ema_at_switch"]
+    atomic.write_json(tmp_path / "pipeline.json", {"settings": old, "seconds": {}})
+    assert _load_state(tmp_path / "pipeline.json", settings("keep"))["settings"]["preset"]["ema_at_switch"] == "keep"
+    with pytest.raises(ValueError, match="ema_at_switch"):
+        _load_state(tmp_path / "pipeline.json", settings("restart"))

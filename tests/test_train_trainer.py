@@ -186,7 +186,7 @@ def test_resume_between_epochs_is_bit_for_bit(reference, tmp_path):
     assert metrics(tmp_path) == metrics(ref_dir)
     # the stage change (epoch 2) happened in the second call, logged once
     assert [r for r in second_trainer.history if r.get("event") == "retokenize"] == \
-           [{"epoch": 2, "step": 16, "event": "retokenize", "stage": 1, "stride": 4, "dilation": 1}]
+           [{"epoch": 2, "step": 16, "event": "retokenize", "stage": 1, "stride": 4, "dilation": 1, "ema": "kept"}]
     # resuming a finished run trains no more and keeps the result
     again = make(tmp_path).fit()
     assert (again["status"], again["epoch"], again["step"]) == ("finished", 4, 32)

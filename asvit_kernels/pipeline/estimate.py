@@ -14,8 +14,11 @@ Each stage is estimated from its own measured step times once it has run its fir
 Stages that have not run yet are estimated the way ``asvit pipeline --dry-run`` does
 (``plan.py``): scaling from the simulated growth's candidate count x the measured seconds per
 search step, training from a few timed optimizer steps and evaluation batches of the simulated
-member (timed once per call, on the run's device). ``estimated`` lists the stages whose seconds
-are estimates; the others are measured.
+member (timed once per call, on the run's device; those seconds count in the stage that was
+running). ``estimated`` lists the stages whose seconds are estimates; the others are measured.
+These before-the-stage guesses are rough: they leave out data loading, checkpoints and the
+simulated member is not the trained one (a cut-down run on the loaded 2-core CPU guessed 53 s in
+its search and took 85 s; README, "The asvit command").
 """
 from __future__ import annotations
 
