@@ -14,6 +14,7 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import backends
 from ..ranges import RangeLike, normalize_range, normalize_ranges, total_width
@@ -187,6 +188,12 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
     if _transforms.active():
         from ..reference.elastic import elastic_linear as composite
         return composite(x, weight, bias, in_r, list(out_r))
+    if _eager() and impl == "torch" and len(out_r) == 1 and sum(in_r) <= C_in and sum(out_r[0]) <= C_out:
+        # One run on each side: dense F.linear on views, differentiated by C++ autograd (as cheap
+        # per call as nn.Linear; the weight gradient reaches the full-size buffer through slice
+        # backward).
+        (o, wo), (i, wi) = out_r[0], in_r
+        return F.linear(x, weight[o:o + wo, i:i + wi], None if bias is None else bias[o:o + wo])
     if _eager():
         return _EagerLinear.apply(x, weight, bias, (in_r,), out_r, impl)
     return _elastic_linear_op(x, weight, bias, list(in_r), _flat(out_r), impl)
