@@ -298,3 +298,14 @@ def test_layer_norm_non_finite_rows_stay_in_their_rows():
     x[1, 2], x[3, 0] = float("nan"), float("inf")
     y = ak.elastic_layer_norm(x, w, b, (7, 6))
     assert torch.isfinite(y[[0, 2]]).all() and torch.isnan(y[[1, 3]]).any(1).all()
+
+
+@pytest.mark.parametrize("composite_max", [0, 10 ** 9])
+def test_torch_linear_single_run_paths(composite_max, monkeypatch, poison):
+    """Single-run ranges: F.linear on views (small weights) and the autograd.Function whose
+    backward writes each weight-gradient block once (large weights)."""
+    from asvit_kernels.ops import elastic as ops_elastic
+    monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_WEIGHT", composite_max)
+    for n, (in_r, out_r) in enumerate([((0, 30), (0, 60)), ((120, 30), (84, 60)), (None, (10, 1))]):
+        for dtype in (torch.float32, torch.float64):
+            run_linear("cpu", "torch", dtype, 144, 150, in_r, out_r, (2, 37), n != 1, n)
