@@ -47,16 +47,34 @@ def _extras(window_left: int, window_right: int, softcap: float, alibi: Optional
     return dict(window=(window_left, window_right), softcap=softcap, alibi=alibi, dropout_p=dropout_p, seed=seed)
 
 
-@torch.library.custom_op("asvit::varlen_attention", mutates_args=())
 @_autocast.off
-def _varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                         scale: float, causal: bool, backend: str, window_left: int = -1, window_right: int = -1,
-                         softcap: float = 0.0, alibi: Optional[Tensor] = None, dropout_p: float = 0.0,
-                         seed: int = 0) -> tuple[Tensor, Tensor]:
+def _forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, backend: str,
+             window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi: Optional[Tensor] = None,
+             dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
     forward, _ = _impl(backend)
     return forward(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_q, cu_k,
                    _max_len(cu_q, max_q), _max_len(cu_k, max_k), scale, causal,
                    **_extras(window_left, window_right, softcap, alibi, dropout_p, seed))
+
+
+@_autocast.off
+def _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,
+                   backend: str, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                   alibi: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0):
+    _, backward = _impl(backend)
+    c = _last_dim_contiguous
+    return backward(c(dout), c(q), c(k), c(v), c(out), lse, cu_q, cu_k, _max_len(cu_q, max_q),
+                    _max_len(cu_k, max_k), scale, causal,
+                    **_extras(window_left, window_right, softcap, alibi, dropout_p, seed))
+
+
+@torch.library.custom_op("asvit::varlen_attention", mutates_args=())
+def _varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                         scale: float, causal: bool, backend: str, window_left: int = -1, window_right: int = -1,
+                         softcap: float = 0.0, alibi: Optional[Tensor] = None, dropout_p: float = 0.0,
+                         seed: int = 0) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend, window_left, window_right, softcap,
+                    alibi, dropout_p, seed)
 
 
 @_varlen_attention_op.register_fake
@@ -66,17 +84,13 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend, *extras):
 
 
 @torch.library.custom_op("asvit::varlen_attention_backward", mutates_args=())
-@_autocast.off
 def _varlen_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
                                   causal: bool, backend: str, window_left: int = -1, window_right: int = -1,
                                   softcap: float = 0.0, alibi: Optional[Tensor] = None, dropout_p: float = 0.0,
                                   seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _impl(backend)
-    c = _last_dim_contiguous
-    return backward(c(dout), c(q), c(k), c(v), c(out), lse, cu_q, cu_k, _max_len(cu_q, max_q),
-                    _max_len(cu_k, max_k), scale, causal,
-                    **_extras(window_left, window_right, softcap, alibi, dropout_p, seed))
+    return _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, backend, window_left,
+                          window_right, softcap, alibi, dropout_p, seed)
 
 
 @_varlen_attention_backward_op.register_fake
@@ -100,6 +114,23 @@ def _backward(ctx, dout, _dlse):
 
 
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward bodies as the custom ops, without their dispatch (plain eager)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, *args):
+        out, lse = _forward(q, k, v, cu_q, cu_k, *args)
+        _setup(ctx, (q, k, v, cu_q, cu_k, *args), (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+        dq, dk, dv = _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi, *ctx.dropout)
+        return (dq, dk, dv) + (None,) * 13
 
 
 # ----------------------------------------------------------------------------- validation
@@ -299,8 +330,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         from ..torch_backend.attention import varlen_composite
         return varlen_composite(q, k, v, cu_q, cu_k, float(softmax_scale), causal,
                                 **_extras(*window, softcap, alibi, dropout_p, seed))
-    out, lse = _varlen_attention_op(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-                                    float(softmax_scale), causal, impl, *window, softcap, alibi, dropout_p, seed)
+    # meta tensors (shape-only passes) need the custom op's fake implementation
+    call = _EagerAttention.apply if _transforms.plain_eager() and q.device.type != "meta" else _varlen_attention_op
+    out, lse = call(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, float(softmax_scale), causal,
+                    impl, *window, softcap, alibi, dropout_p, seed)
     return (out, lse.detach()) if return_lse else out
 
 
