@@ -39,12 +39,11 @@ nvcc13() {
     echo "$nvcc"
 }
 
-# wheels.sh's CUDA 12 toolkit: its functions (die, tools, the "CUDA 12 toolkit" section) are
-# evaluated here rather than copied, so there is one way to assemble it. sm_70's SASS can only be
-# listed by a CUDA <= 13.0 nvdisasm (13.2's refuses SM70, and PyPI has no older one), which
-# assemble_cuda12 does not copy from the Debian package: a toolkit that lacks it (wheels.sh's
-# today) is assembled again under build/sass/cu12 by the same function with nvdisasm added to
-# its list of binaries. CUDA12_HOME: a real installation, used as it is.
+# wheels.sh's CUDA 12 toolkit: reused when wheels.sh has assembled it (in CI it ran just before),
+# else assembled here under build/sass/cu12 by wheels.sh's own functions (die, tools, the "CUDA 12
+# toolkit" section, evaluated rather than copied: one way to assemble it). sm_70's SASS can only
+# be listed by a CUDA <= 13.0 nvdisasm (13.2's refuses SM70, and PyPI has no older one): the
+# toolkit's, which assemble_cuda12 copies. CUDA12_HOME: a real installation, used as it is.
 cuda12_home_here() {
     if [ -n "${CUDA12_HOME:-}" ]; then echo "$CUDA12_HOME"; return; fi
     local WORK
@@ -58,12 +57,10 @@ cuda12_home_here() {
         local defs
         defs=$(sed -n -e '/^die() /p' -e '/^tools() {/,/^}/p' \
                       -e '/^# -* CUDA 12 toolkit$/,/^# -* build and repair$/p' scripts/wheels.sh)
-        grep -q ' nvprune cuobjdump; do' <<<"$defs" \
-            || die "scripts/wheels.sh: assemble_cuda12's list of binaries is not where this script looks"
-        eval "${defs/ nvprune cuobjdump; do/ nvprune cuobjdump nvdisasm; do}"
+        eval "$defs"
         declare -F assemble_cuda12 >/dev/null && declare -F tools >/dev/null \
             || die "scripts/wheels.sh no longer has tools() and assemble_cuda12() where this script looks"
-        echo "check_sass.sh: assembling the CUDA 12.4 toolkit (with nvdisasm) by scripts/wheels.sh's assemble_cuda12" >&2
+        echo "check_sass.sh: assembling the CUDA 12.4 toolkit by scripts/wheels.sh's assemble_cuda12" >&2
         if [ -x "$tools_venv/bin/pip" ]; then ln -sfn "$tools_venv" "$WORK/tools"; else tools >&2; fi
         assemble_cuda12 >&2
     fi

@@ -93,7 +93,7 @@ PYPI_CUDART_STATIC=nvidia-cuda-runtime-cu12==12.9.79
 
 assemble_cuda12() {
     local T=$WORK/cuda-12.4 D=$WORK/cuda12-download apt
-    if [ -x "$T/bin/nvcc" ] && [ -f "$T/.complete" ]; then echo "$T (cached)"; return 0; fi
+    if [ -x "$T/bin/nvcc" ] && [ -x "$T/bin/nvdisasm" ] && [ -f "$T/.complete" ]; then echo "$T (cached)"; return 0; fi
     rm -rf "$T" "$D"
     mkdir -p "$D/apt/state/lists/partial" "$D/apt/cache/archives/partial" "$D/deb" "$D/pypi" "$D/static"
     echo "deb http://deb.debian.org/debian trixie non-free" >"$D/apt/sources.list"
@@ -108,7 +108,8 @@ assemble_cuda12() {
     dpkg-deb -x "$D"/deb/nvidia-cuda-toolkit_*.deb "$D/x"
     mkdir -p "$T/bin/crt" "$T/nvvm/bin" "$T/nvvm/libdevice" "$T/include" "$T/lib64"
     cp "$D/x/usr/lib/nvidia-cuda-toolkit/bin/nvcc" "$T/bin/"
-    for f in cudafe++ fatbinary nvlink ptxas bin2c nvprune cuobjdump; do cp "$D/x/usr/bin/$f" "$T/bin/"; done
+    # nvdisasm: scripts/check_sass.sh lists sm_70's SASS with it (CUDA 13.2's refuses SM70)
+    for f in cudafe++ fatbinary nvlink ptxas bin2c nvprune cuobjdump nvdisasm; do cp "$D/x/usr/bin/$f" "$T/bin/"; done
     cp "$D"/x/usr/lib/nvidia-cuda-toolkit/bin/crt/*.stub "$T/bin/crt/"
     cp "$D/x/usr/lib/nvidia-cuda-toolkit/bin/cicc" "$T/nvvm/bin/"
     cp "$D/x/usr/lib/nvidia-cuda-toolkit/libdevice/libdevice.10.bc" "$T/nvvm/libdevice/"
