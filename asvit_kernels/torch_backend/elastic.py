@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ranges import Piece, Range, concat_pieces, pieces
+from ..ranges import Piece, Range, concat_pieces, index_table, pieces
 
 
 def _sum_rows_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -161,11 +161,18 @@ def _affine(p: Optional[torch.Tensor], runs) -> Optional[torch.Tensor]:
 
 def layer_norm_composite(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], offset: int,
                          eps: float) -> torch.Tensor:
-    """``F.layer_norm`` over ``x``'s last dim with the range's affine entries as autograd views (a
-    cat of two for a wrapping range): the gradients reach the full-size parameters through
-    PyTorch's slice/cat backward, with no Python in the backward pass."""
-    runs = pieces((offset, x.shape[-1]), weight.shape[0])
-    return F.layer_norm(x, (x.shape[-1],), _affine(weight, runs), _affine(bias, runs), eps)
+    """``F.layer_norm`` over ``x``'s last dim with the range's affine entries as autograd views (an
+    index_select through the cached table for a wrapping range): the gradients reach the full-size
+    parameters through PyTorch's own backward, with no Python in the backward pass."""
+    width, C = x.shape[-1], weight.shape[0]
+    if offset + width <= C:
+        w = weight[offset:offset + width]
+        b = None if bias is None else bias[offset:offset + width]
+    else:  # one gather per parameter (two slices and a cat would accumulate two full-size grads)
+        idx = index_table(((offset, width),), C, weight.device, torch.int64)
+        w = weight.index_select(0, idx)
+        b = None if bias is None else bias.index_select(0, idx)
+    return F.layer_norm(x, (width,), w, b, eps)
 
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], offset: int,
