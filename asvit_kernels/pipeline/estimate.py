@@ -23,6 +23,7 @@ its search and took 85 s; README, "The asvit command").
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -85,6 +86,9 @@ def estimate_text(est: Mapping[str, Any], how: str) -> str:
             f"{_d(est['remaining_seconds'])} left")
 
 
+SAVE_EVERY = 5.0  # seconds between rewrites of pipeline.json while a stage runs
+
+
 class LiveEstimate:
     """Keeps ``state["estimate"]`` current while search and scaling run (module docstring): its
     ``on_search`` / ``on_scale`` are ``progress.watch`` callbacks of those stages' loops. Rank 0
@@ -97,6 +101,8 @@ class LiveEstimate:
         self.seed_genotype: Optional[str] = None  # the searched topology, once known
         self._train: Optional[float] = None
         self._logged: set[str] = set()
+        self._growths: dict = {}       # simulated growth per starting topology: simulated once
+        self._last_save = -math.inf    # pipeline.json is rewritten at most every SAVE_EVERY seconds
 
     def _elapsed(self, stage: str) -> float:
         """Seconds spent on ``stage`` over every call (``run._StageClock``)."""
@@ -107,8 +113,11 @@ class LiveEstimate:
         """(the topology scaling starts from, its simulated growth): the searched one once known,
         else the dry run's first drawn topology."""
         from .plan import drawn_topologies, simulate_growth
-        seed = Genotype.parse(self.seed_genotype) if self.seed_genotype else drawn_topologies(self.seed, 1)[0]
-        return seed, simulate_growth(seed, self.preset, self.data.num_classes, self.data.image_size)
+        key = self.seed_genotype
+        if key not in self._growths:
+            seed = Genotype.parse(key) if key else drawn_topologies(self.seed, 1)[0]
+            self._growths[key] = seed, simulate_growth(seed, self.preset, self.data.num_classes, self.data.image_size)
+        return self._growths[key]
 
     def _train_seconds(self, seed: Genotype, growth: list) -> float:
         """Training's estimate before it ran, timed once per call (on the run's device)."""
@@ -120,8 +129,11 @@ class LiveEstimate:
 
     def _write(self, est: dict, how: str) -> None:
         self.state["estimate"] = est
-        self.save()
-        if est["measuring"] not in self._logged:
+        first = est["measuring"] not in self._logged
+        if first or time.time() - self._last_save >= SAVE_EVERY:  # an atomic rewrite per step costs
+            self.save()                                           # more than a search step
+            self._last_save = time.time()
+        if first:
             self._logged.add(est["measuring"])
             log.info("%s", estimate_text(est, how))
 
