@@ -267,7 +267,7 @@ def test_custom_op_path_matches_reference(device, backend, monkeypatch, poison):
     """The torch.library custom ops (what torch.compile and dispatch modes get) give the same
     results as the eager autograd.Function path the tests above run."""
     from asvit_kernels.ops import elastic as ops_elastic
-    monkeypatch.setattr(ops_elastic, "_eager", lambda: False)
+    monkeypatch.setattr(ops_elastic._transforms, "plain_eager", lambda: False)
     run_linear(device, backend, torch.float32, 96, 80, (60, 40), [(0, 24), (90, 6)], (2, 33), True, 1)
     run_layer_norm(device, backend, torch.float32, 64, (50, 40), (3, 20), True, 2)
 
@@ -276,9 +276,9 @@ def test_eager_path_only_outside_dispatch_modes():
     from torch.utils.flop_counter import FlopCounterMode
 
     from asvit_kernels.ops import elastic as ops_elastic
-    assert ops_elastic._eager()
+    assert ops_elastic._transforms.plain_eager()
     with FlopCounterMode(display=False):
-        assert not ops_elastic._eager()  # the custom op runs, so its FLOP formula counts
+        assert not ops_elastic._transforms.plain_eager()  # the custom op runs, so its FLOP formula counts
 
 
 @pytest.mark.parametrize("device,backend", cases("elastic_layer_norm"))

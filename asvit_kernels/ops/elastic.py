@@ -71,11 +71,6 @@ def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
 
 # ----------------------------------------------------------------------------- elastic_linear
 
-def _eager() -> bool:
-    """Plain eager autograd: the custom op adds nothing there (see the module doc)."""
-    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-
-
 @_autocast.off
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_r, out_r, backend: str) -> Tensor:
     forward, _ = _linear_impl(backend)
@@ -193,7 +188,7 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
     if _transforms.active():
         from ..reference.elastic import elastic_linear as composite
         return composite(x, weight, bias, in_r, list(out_r))
-    if (_eager() and impl == "torch" and weight.numel() <= _COMPOSITE_MAX_WEIGHT and len(out_r) == 1
+    if (_transforms.plain_eager() and impl == "torch" and weight.numel() <= _COMPOSITE_MAX_WEIGHT and len(out_r) == 1
             and sum(in_r) <= C_in and sum(out_r[0]) <= C_out):
         # One run on each side of a small weight: dense F.linear on views, differentiated by C++
         # autograd (as cheap per call as nn.Linear). Its weight gradient reaches the full-size buffer
@@ -201,7 +196,7 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
         # than the autograd.Function's Python, whose backward writes each block once.
         (o, wo), (i, wi) = out_r[0], in_r
         return F.linear(x, weight[o:o + wo, i:i + wi], None if bias is None else bias[o:o + wo])
-    if _eager():
+    if _transforms.plain_eager():
         return _EagerLinear.apply(x, weight, bias, (in_r,), out_r, impl)
     return _elastic_linear_op(x, weight, bias, list(in_r), _flat(out_r), impl)
 
@@ -339,13 +334,13 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
     if _transforms.active():
         from ..reference.elastic import elastic_layer_norm as composite
         return composite(x, weight, bias, (offset, width), eps)
-    if _eager() and impl == "torch" and width > 1 and x.dtype in (torch.float32, torch.float64):
+    if _transforms.plain_eager() and impl == "torch" and width > 1 and x.dtype in (torch.float32, torch.float64):
         # PyTorch's own layer_norm on views of the affine entries, differentiated by C++ autograd:
         # per-call cost as dense F.layer_norm's (a Python autograd.Function adds about 0.1 ms, a
         # third of a (1576, 192) LayerNorm's forward+backward). Width 1 and half dtypes keep the
         # bodies below (exact degenerate form; float32 statistics).
         from ..torch_backend.elastic import layer_norm_composite
         return layer_norm_composite(x, weight, bias, offset, eps)
-    if _eager():
+    if _transforms.plain_eager():
         return _EagerLayerNorm.apply(x, weight, bias, offset, eps, impl)
     return _elastic_layer_norm_op(x, weight, bias, offset, eps, impl)[0]
