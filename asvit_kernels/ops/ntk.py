@@ -271,7 +271,8 @@ def _one_model_pass(model, x, output_fn, records, plain, tracked, chosen, use_pr
 
 
 def _layer_grads(model, x, output_fn, records, plain, tracked, state, shapes):
-    """One forward + one backward: autograd for one model, ``torch.func.vjp`` under vmap over stacked models.
+    """One forward + one backward with ``torch.func.vjp``: under vmap over stacked models, or for one
+    model under an outer torch.func transform (plain autograd calls take ``_one_model_pass``).
 
     Zero probes added to every recorded layer output (and to per-sample copies of the plain
     parameters) turn ``d sum_i s_i / d probe`` into each layer's output gradient. The layers'
@@ -309,15 +310,6 @@ def _layer_grads(model, x, output_fn, records, plain, tracked, state, shapes):
 
     probes = [torch.zeros(sh, device=x.device, dtype=dt) for sh, dt in shapes]
     plain_probes = [torch.zeros(B, *state[n].shape[1:], device=x.device, dtype=state[n].dtype) for n in plain]
-    if not _transforms.active():
-        # Plain autograd: the fused custom ops (attention, elastic layers) run, which torch.func cannot see into.
-        values = [state[n].detach().requires_grad_() for n in tracked]
-        leaves = [t.requires_grad_() for t in probes + plain_probes] + values
-        with torch.enable_grad():
-            s, layer_inputs = f(probes, plain_probes, values)
-            all_grads = torch.autograd.grad(s, leaves, allow_unused=True, materialize_grads=True)
-        n, m = len(probes), len(probes) + len(plain_probes)
-        return (list(order), list(layer_inputs), list(all_grads[:n]), list(all_grads[n:m]), list(all_grads[m:]))
     s, vjp_fn, layer_inputs = torch.func.vjp(f, probes, plain_probes, [state[n] for n in tracked], has_aux=True)
     grads, plain_grads, tracked_grads = vjp_fn(torch.ones_like(s))
     return list(order), list(layer_inputs), grads, plain_grads, tracked_grads
