@@ -309,3 +309,17 @@ def test_torch_linear_single_run_paths(composite_max, monkeypatch, poison):
     for n, (in_r, out_r) in enumerate([((0, 30), (0, 60)), ((120, 30), (84, 60)), (None, (10, 1))]):
         for dtype in (torch.float32, torch.float64):
             run_linear("cpu", "torch", dtype, 144, 150, in_r, out_r, (2, 37), n != 1, n)
+
+
+def test_lean_cpu_path_keeps_the_backend_rule(monkeypatch):
+    """The lean CPU path runs only when the torch backend would be picked: ASVIT_BACKEND naming a
+    backend that cannot run here still raises, and "torch"/"auto" run as without it."""
+    x, w, b = torch.randn(5, 6), torch.randn(8, 6), torch.randn(8)
+    monkeypatch.setenv("ASVIT_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="ASVIT_BACKEND"):
+        ak.elastic_layer_norm(x, w[:, 0], b, (2, 6))
+    with pytest.raises(RuntimeError, match="ASVIT_BACKEND"):
+        ak.elastic_linear(x, w, b, None, (1, 3))
+    for env in ("torch", " Auto "):
+        monkeypatch.setenv("ASVIT_BACKEND", env)
+        torch.testing.assert_close(ak.elastic_linear(x, w, b, None, (1, 3)), x @ w[1:4].t() + b[1:4])

@@ -11,6 +11,8 @@ than a small sub-network's matmuls.
 from __future__ import annotations
 
 import functools
+import math
+import os
 from typing import Optional
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..ranges import RangeLike, normalize_range, normalize_ranges, total_width
+from ..torch_backend.elastic import layer_norm_composite
 from . import _autocast, _transforms, _validate
 
 Tensor = torch.Tensor
@@ -67,6 +70,48 @@ def _flat(ranges) -> list[int]:
 
 def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+
+
+# ----------------------------------------------------------------------------- the lean CPU path
+# The common CPU call (plain eager, fp32/fp64, the torch backend, every range one run of channels)
+# skips the general validation, autocast and backend lookup (~25 us a call, 5% of a (1576, 192)
+# LayerNorm's forward+backward): it takes a call only when cheap exact checks prove that those would
+# change nothing and let it through; anything else (bad input included) goes the general way,
+# which raises the clear errors.
+
+_LEAN_DTYPES = (torch.float32, torch.float64)
+
+
+def _lean_backend(backend) -> bool:
+    """Whether ``backends.pick`` would give "torch" for a CPU call without raising."""
+    if backend is None or backend == "auto":
+        env = os.environ.get("ASVIT_BACKEND")
+        return not env or env.strip().lower() in ("auto", "torch")
+    return backend == "torch"
+
+
+def _lean_ok(x, weight, bias, ndim: int, backend) -> bool:
+    """CPU tensors of one fp32/fp64 dtype, ``weight`` ``ndim``-D, ``bias`` None or 1-D of its
+    leading size, the torch backend, plain eager, no transform."""
+    return (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.is_cpu and weight.is_cpu
+            and x.dtype in _LEAN_DTYPES and weight.dtype == x.dtype and weight.dim() == ndim
+            and (bias is None or (isinstance(bias, Tensor) and bias.is_cpu and bias.dtype == x.dtype
+                                  and bias.shape == weight.shape[:1]))
+            and _lean_backend(backend) and not _transforms.active() and _transforms.plain_eager())
+
+
+def _one_run(r, size: int):
+    """``(offset, width)`` of a range given as None or exact ints (one pair, or a sequence of one
+    pair, as ``ElasticLinear`` holds it) that is one run inside ``0..size``; None for anything else."""
+    if r is None:
+        return 0, size
+    if type(r) is tuple and len(r) == 1:
+        r = r[0]
+    if type(r) is tuple and len(r) == 2:
+        o, w = r
+        if type(o) is int and type(w) is int and 0 <= o and 1 <= w and o + w <= size:
+            return o, w
+    return None
 
 
 # ----------------------------------------------------------------------------- elastic_linear
@@ -149,9 +194,69 @@ class _EagerLinear(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+class _RunLinear(torch.autograd.Function):
+    """One run of rows x one run of columns of a large weight: dense F.linear on views; the
+    backward writes the full-size weight gradient once (the block by its matmul, beta=0, the rest
+    zeroed), where F.linear's own backward on views zeroes all of it and then copies the block in."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, i, k, o, n):
+        ctx.save_for_backward(x, weight)
+        ctx.run, ctx.has_bias = (i, k, o, n), bias is not None
+        return F.linear(x, weight[o:o + n, i:i + k], None if bias is None else bias[o:o + n])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        i, k, o, n = ctx.run
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dx:
+            dx = dy.matmul(weight[o:o + n, i:i + k])
+        dy2 = dy.reshape(-1, n)
+        if need_dw:
+            C_out, C_in = weight.shape
+            dw = torch.empty_like(weight)
+            for a, b in ((0, o), (o + n, C_out)):
+                if a < b:
+                    dw[a:b].zero_()
+            rows = dw[o:o + n]
+            for a, b in ((0, i), (i + k, C_in)):
+                if a < b:
+                    rows[:, a:b].zero_()
+            rows[:, i:i + k].addmm_(dy2.t(), x.reshape(-1, k), beta=0)
+        if need_db and ctx.has_bias:
+            db = dy2.new_zeros(weight.shape[0])
+            torch.sum(dy2, 0, out=db[o:o + n])
+        return dx, dw, db, None, None, None, None
+
+
 # Weights of up to this many entries (0.5 MB in fp32) take the composite path: its extra gradient
-# traffic (about 4 x the weight) is then below the ~0.08 ms Python cost of the autograd.Function.
+# traffic (about 4 x the weight) is then below the Python cost of _RunLinear.
 _COMPOSITE_MAX_WEIGHT = 2 ** 17
+
+
+def _run_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], i: int, k: int, o: int, n: int) -> Tensor:
+    """Rows ``o:o+n`` x columns ``i:i+k`` of ``weight`` in plain eager mode (torch backend)."""
+    C_out, C_in = weight.shape
+    if k == C_in and n == C_out:
+        return F.linear(x, weight, bias)
+    if weight.numel() <= _COMPOSITE_MAX_WEIGHT:
+        # Dense F.linear on views, differentiated by C++ autograd (as cheap per call as nn.Linear);
+        # its weight gradient reaches the full-size buffer through two slice backwards (zero + copy).
+        return F.linear(x, weight[o:o + n, i:i + k], None if bias is None else bias[o:o + n])
+    return _RunLinear.apply(x, weight, bias, i, k, o, n)
+
+
+def _linear_lean(x, weight, bias, in_range, out_range, backend) -> Optional[Tensor]:
+    """The lean CPU path (see above) for one run on each side, or None."""
+    if not _lean_ok(x, weight, bias, 2, backend) or torch.is_autocast_enabled("cpu"):
+        return None
+    C_out, C_in = weight.shape
+    ir, orr = _one_run(in_range, C_in), _one_run(out_range, C_out)
+    if ir is None or orr is None or x.shape[-1:] != ir[1:]:
+        return None
+    return _run_linear(x, weight, bias, *ir, *orr)
 
 
 def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_range: RangeLike = None,
@@ -171,6 +276,9 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
         ``(..., out_width)``: ``F.linear(x, weight[out_idx][:, in_idx], bias[out_idx])``; under
         ``torch.autocast`` the inputs are cast as ``F.linear``'s are (``ops._autocast``).
     """
+    y = _linear_lean(x, weight, bias, in_range, out_range, backend)
+    if y is not None:
+        return y
     _validate.tensor(x, "x", min_ndim=1)
     _validate.tensor(weight, "weight", ndim=2)
     if bias is not None:
@@ -188,14 +296,9 @@ def elastic_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, in_
     if _transforms.active():
         from ..reference.elastic import elastic_linear as composite
         return composite(x, weight, bias, in_r, list(out_r))
-    if (_transforms.plain_eager() and impl == "torch" and weight.numel() <= _COMPOSITE_MAX_WEIGHT and len(out_r) == 1
-            and sum(in_r) <= C_in and sum(out_r[0]) <= C_out):
-        # One run on each side of a small weight: dense F.linear on views, differentiated by C++
-        # autograd (as cheap per call as nn.Linear). Its weight gradient reaches the full-size buffer
-        # through two slice backwards (zero + copy, twice); above the bound that traffic costs more
-        # than the autograd.Function's Python, whose backward writes each block once.
-        (o, wo), (i, wi) = out_r[0], in_r
-        return F.linear(x, weight[o:o + wo, i:i + wi], None if bias is None else bias[o:o + wo])
+    if (_transforms.plain_eager() and impl == "torch" and len(out_r) == 1 and sum(in_r) <= C_in
+            and sum(out_r[0]) <= C_out):
+        return _run_linear(x, weight, bias, *in_r, *out_r[0])
     if _transforms.plain_eager():
         return _EagerLinear.apply(x, weight, bias, (in_r,), out_r, impl)
     return _elastic_linear_op(x, weight, bias, list(in_r), _flat(out_r), impl)
@@ -318,6 +421,13 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
         ``(..., width)``, equal to ``F.layer_norm(x, (width,), weight[idx], bias[idx], eps)``, also in
         dtype under ``torch.autocast`` (``ops._autocast``).
     """
+    if _lean_ok(x, weight, bias, 1, backend) and type(eps) is float and 0.0 < eps < math.inf:
+        # One run or a wrapping range: the general path takes the same composite for these calls.
+        C = weight.shape[0]
+        r = (0, C) if channel_range is None else channel_range
+        if (type(r) is tuple and len(r) == 2 and type(r[0]) is int and type(r[1]) is int and 0 <= r[0] < C
+                and 1 < r[1] <= C and x.shape[-1:] == r[1:]):
+            return layer_norm_composite(x, weight, bias, r[0], eps)
     _validate.tensor(x, "x", min_ndim=1)
     _validate.tensor(weight, "weight", ndim=1)
     if bias is not None:
@@ -339,7 +449,6 @@ def elastic_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], channe
         # per-call cost as dense F.layer_norm's (a Python autograd.Function adds about 0.1 ms, a
         # third of a (1576, 192) LayerNorm's forward+backward). Width 1 and half dtypes keep the
         # bodies below (exact degenerate form; float32 statistics).
-        from ..torch_backend.elastic import layer_norm_composite
         return layer_norm_composite(x, weight, bias, offset, eps)
     if _transforms.plain_eager():
         return _EagerLayerNorm.apply(x, weight, bias, offset, eps, impl)
