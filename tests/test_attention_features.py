@@ -214,12 +214,12 @@ def test_backends_get_the_extras_only_when_a_feature_is_used(monkeypatch):
     """Plain calls (causal, or a (-1, 0) window, which is causal) reach the backend exactly as
     before; a feature call passes the five keywords, the window folded with causal."""
     seen = []
-    real = tb.varlen_forward
+    real = tb.varlen_forward_checked  # what the op calls for the torch backend
 
     def spy(*args, **kw):
         seen.append((args[8], kw))
         return real(*args, **kw)
-    monkeypatch.setattr(tb, "varlen_forward", spy)
+    monkeypatch.setattr(tb, "varlen_forward_checked", spy)
     q0, k0, v0, _, cu_q, cu_k = _inputs(LENS_Q, LENS_K, torch.float64, 6)
     call = lambda **kw: ak.varlen_attention(q0, k0, v0, cu_q, cu_k, backend="torch", **kw)  # noqa: E731
     call()

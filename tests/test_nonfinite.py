@@ -109,3 +109,58 @@ def test_rows_that_see_no_key_stay_zero():
         assert torch.equal(out[:4], torch.zeros(4, 1, 8)), backend
         assert torch.isfinite(out[4]).all(), backend  # row 4 sees key 0 only
         assert not torch.isfinite(out[5, 0, 0]) and torch.isfinite(out[5, 0, 1:]).all(), backend
+
+
+@pytest.mark.parametrize("lens", [[20, 20, 20], LENS], ids=["equal", "mixed"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_output_gradient_with_finite_inputs(lens, causal, bad):
+    """The torch backend's forward found q, k, v finite, so its backward checks only the output
+    gradient: a NaN/inf in row i of it reaches exactly dq_i and the dk_j, dv_j of the keys j that
+    row i sees (in its heads' kv head), and no other sequence. Expected rows come from that
+    definition: the float64 reference's plain p @ v leaks 0 * NaN into unseen keys' dv here (its
+    pairwise form runs only for non-finite q, k, v)."""
+    g = torch.Generator().manual_seed(5)
+    total = sum(lens)
+    q = torch.randn(total, H, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(total, H_KV, D, generator=g, dtype=torch.float64) for _ in range(2))
+    dy = torch.randn(total, H, D, generator=g, dtype=torch.float64)
+    lo, hi = sum(lens[:1]), sum(lens[:2])
+    row, head = lo + lens[1] // 2, 1
+    dy_bad = dy.clone()
+    dy_bad[row, head, 2] = bad
+    cu = ak.cu_seqlens_from_lengths(lens)
+    op = lambda a, b, c: ak.varlen_attention(a, b, c, cu, causal=causal, backend="torch")  # noqa: E731
+    clean = _run(op, q, k, v, dy, "random", torch.float32, "cpu")
+    got = _run(op, q, k, v, dy_bad, "random", torch.float32, "cpu")
+    want_dq = torch.zeros(total, H, dtype=torch.bool)
+    want_dq[row, head] = True
+    want_kv = torch.zeros(total, H_KV, dtype=torch.bool)
+    last_seen = row if causal else hi - 1
+    want_kv[lo:last_seen + 1, head // (H // H_KV)] = True
+    other = torch.ones(total, dtype=torch.bool)
+    other[lo:hi] = False
+    for name, gt, c, w in zip(["dq", "dk", "dv"], got[1:], clean[1:], [want_dq, want_kv, want_kv]):
+        # A group holding the NaN runs the exact path, so other sequences of it match the clean
+        # (kernel) run to rounding, not bitwise.
+        assert torch.isfinite(gt[other]).all(), f"{name}: non-finite rows leak into other sequences"
+        assert torch.allclose(gt[other], c[other], rtol=1e-5, atol=1e-5), f"{name}: other sequences changed"
+        assert torch.equal(_bad_rows(gt), w), f"{name}: non-finite rows {_bad_rows(gt).nonzero().tolist()}"
+
+
+def test_backward_skips_the_input_check_only_after_a_finite_forward(monkeypatch):
+    """``inputs_finite`` reaches the torch backward exactly when the forward found q, k, v finite."""
+    from asvit_kernels.torch_backend import attention as tb
+    seen = []
+    real = tb.varlen_backward
+
+    def spy(*args, **kw):
+        seen.append(kw.get("inputs_finite", False))
+        return real(*args, **kw)
+    monkeypatch.setattr(tb, "varlen_backward", spy)
+    q, k, v, dy = (t.float() for t in _inputs(2))
+    cu = ak.cu_seqlens_from_lengths(LENS)
+    for planted in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (_plant(q, k, v, "k", float("nan")) if planted else (q, k, v))]
+        ak.varlen_attention(*leaves, cu, backend="torch").backward(dy)
+    assert seen == [True, False]

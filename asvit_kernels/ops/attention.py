@@ -47,25 +47,42 @@ def _extras(window_left: int, window_right: int, softcap: float, alibi: Optional
     return dict(window=(window_left, window_right), softcap=softcap, alibi=alibi, dropout_p=dropout_p, seed=seed)
 
 
-@_autocast.off
 def _forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, backend: str,
              window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi: Optional[Tensor] = None,
              dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
+    out, lse, _ = _forward_checked(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend, window_left,
+                                   window_right, softcap, alibi, dropout_p, seed)
+    return out, lse
+
+
+@_autocast.off
+def _forward_checked(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, backend: str,
+                     window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                     alibi: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0):
+    """(out, lse, inputs_finite): the torch backend says whether it found q, k, v finite, so its
+    backward need not read them again (``inputs_finite``); other backends say False."""
+    c = _last_dim_contiguous
+    args = (c(q), c(k), c(v), cu_q, cu_k, _max_len(cu_q, max_q), _max_len(cu_k, max_k), scale, causal)
+    extras = _extras(window_left, window_right, softcap, alibi, dropout_p, seed)
+    if backend == "torch":
+        from ..torch_backend.attention import varlen_forward_checked
+        return varlen_forward_checked(*args, **extras)
     forward, _ = _impl(backend)
-    return forward(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_q, cu_k,
-                   _max_len(cu_q, max_q), _max_len(cu_k, max_k), scale, causal,
-                   **_extras(window_left, window_right, softcap, alibi, dropout_p, seed))
+    return (*forward(*args, **extras), False)
 
 
 @_autocast.off
 def _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,
                    backend: str, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                   alibi: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0):
+                   alibi: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+                   inputs_finite: bool = False):
     _, backward = _impl(backend)
     c = _last_dim_contiguous
+    extras = _extras(window_left, window_right, softcap, alibi, dropout_p, seed)
+    if inputs_finite:  # only the torch backend reports it (``_forward_checked``)
+        extras["inputs_finite"] = True
     return backward(c(dout), c(q), c(k), c(v), c(out), lse, cu_q, cu_k, _max_len(cu_q, max_q),
-                    _max_len(cu_k, max_k), scale, causal,
-                    **_extras(window_left, window_right, softcap, alibi, dropout_p, seed))
+                    _max_len(cu_k, max_k), scale, causal, **extras)
 
 
 @torch.library.custom_op("asvit::varlen_attention", mutates_args=())
@@ -121,7 +138,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, *args):
-        out, lse = _forward(q, k, v, cu_q, cu_k, *args)
+        out, lse, ctx.inputs_finite = _forward_checked(q, k, v, cu_q, cu_k, *args)
         _setup(ctx, (q, k, v, cu_q, cu_k, *args), (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -129,7 +146,8 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
-        dq, dk, dv = _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi, *ctx.dropout)
+        dq, dk, dv = _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi, *ctx.dropout,
+                                    ctx.inputs_finite)
         return (dq, dk, dv) + (None,) * 13
 
 
@@ -299,7 +317,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
     cu_q = _check_cu(cu_seqlens_q, "cu_seqlens_q", q.device)
-    cu_k = cu_q if cu_seqlens_k is None else _check_cu(cu_seqlens_k, "cu_seqlens_k", q.device)
+    same_cu = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q   # self-attention: checked once
+    cu_k = cu_q if same_cu else _check_cu(cu_seqlens_k, "cu_seqlens_k", q.device)
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_q.numel()} and {cu_k.numel()}")
@@ -312,7 +331,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # Values need a host read: always on CPU, on GPU only when the lengths were not given anyway.
     if not torch.compiler.is_compiling() and (q.device.type == "cpu" or max_q < 0 or max_k < 0):
         longest_q = _check_cu_values(cu_q, "cu_seqlens_q", total_q)
-        longest_k = longest_q if cu_seqlens_k is None else _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
+        longest_k = longest_q if same_cu and k.shape[0] == total_q else \
+            _check_cu_values(cu_k, "cu_seqlens_k", k.shape[0])
         max_q, max_k = (longest_q if max_q < 0 else max_q), (longest_k if max_k < 0 else max_k)
     # flash-attn: causal means right = 0, and a (-1, 0) window is causal.
     right = 0 if causal else right

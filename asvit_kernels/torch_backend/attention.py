@@ -251,23 +251,32 @@ def _native_gqa() -> bool:
 
 
 class _Group(NamedTuple):
-    """Sequences of equal (len_q, len_k): their first query and key rows, and batch indices."""
+    """Sequences of equal (len_q, len_k): their first query and key rows, batch indices, and the
+    common spacing of those first rows (``_step``; None when uneven: the rows are gathered)."""
     Lq: int
     Lk: int
-    q_starts: list
-    k_starts: list
-    seqs: list
+    q_starts: tuple
+    k_starts: tuple
+    seqs: tuple
+    q_step: Optional[int]
+    k_step: Optional[int]
 
 
-def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> list:
-    """[_Group] per group of equal lengths, non-empty queries only.
+def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> tuple:
+    """``_plan_of`` the offsets: one host read of each (the plan is cached on their values)."""
+    return _plan_of(tuple(cu_q.tolist()), tuple(cu_k.tolist()), causal)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_of(cu_q: tuple, cu_k: tuple, causal: bool) -> tuple:
+    """(_Group, ...) per group of equal lengths, non-empty queries only; cached, because a model
+    calls attention with the same offsets in every block and step (the backward too).
     Under causal a sequence with len_q > len_k splits in two: its first len_q - len_k rows see no
     key (a (len, 0) entry: zero output, lse -inf, zero gradient) and its last len_k rows are a
     square causal problem, where top-left and bottom-right alignment agree (so do a window's and
     ALiBi's ``i + len_k - len_q``, and dropout's global rows)."""
     groups = defaultdict(lambda: ([], [], []))
-    bounds = zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist())
-    for b, (qs, qe, ks, ke) in enumerate(bounds):
+    for b, (qs, qe, ks, ke) in enumerate(zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])):
         Lq, Lk = qe - qs, ke - ks
         if Lq == 0:
             continue
@@ -277,7 +286,8 @@ def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> list:
             qs, Lq = qs + Lq - Lk, Lk
         for lst, val in zip(groups[(Lq, Lk)], (qs, ks, b)):
             lst.append(val)
-    return [_Group(Lq, Lk, *g) for (Lq, Lk), g in groups.items()]
+    return tuple(_Group(Lq, Lk, tuple(qst), tuple(kst), tuple(b), _step(qst, Lq), _step(kst, Lk))
+                 for (Lq, Lk), (qst, kst, b) in groups.items())
 
 
 def _step(starts, length: int):
@@ -290,11 +300,12 @@ def _step(starts, length: int):
     return d
 
 
-def _seqs(t: torch.Tensor, starts, length: int) -> torch.Tensor:
+def _seqs(t: torch.Tensor, starts, length: int, step=False) -> torch.Tensor:
     """Rows ``s:s + length`` for each s in ``starts`` of a packed (total, h, D) tensor, as
-    (n, h, length, D): a strided view when the starts are evenly spaced, else a gathered copy."""
+    (n, h, length, D): a strided view when the starts are evenly spaced (``step``, their spacing,
+    or None; computed when not given), else a gathered copy."""
     n, (_, h, D) = len(starts), t.shape
-    d = _step(starts, length)
+    d = _step(starts, length) if step is False else step
     if d is None:
         return t.index_select(0, _rows(starts, length, t.device)).view(n, length, h, D).transpose(1, 2)
     st = t.stride()
@@ -302,10 +313,11 @@ def _seqs(t: torch.Tensor, starts, length: int) -> torch.Tensor:
                         t.storage_offset() + starts[0] * st[0]).transpose(1, 2)
 
 
-def _put(dst: torch.Tensor, starts, length: int, src) -> None:
+def _put(dst: torch.Tensor, starts, length: int, src, step=False) -> None:
     """Writes (n, h, length, D) ``src`` (or a scalar) into those rows of packed ``dst``."""
-    if _step(starts, length) is not None:
-        view = _seqs(dst, starts, length)
+    d = _step(starts, length) if step is False else step
+    if d is not None:
+        view = _seqs(dst, starts, length, d)
         if isinstance(src, torch.Tensor):
             view.copy_(src)
         else:
@@ -369,6 +381,15 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool
     """Output (total_q, H, D) and lse (H, total_q). The keywords are flash-attn's features (see
     ``Features``): a window alone keeps the CPU flash kernel (an additive mask) where
     ``_flash_args`` allows; softcap, ALiBi or dropout run every group on the exact path."""
+    out, lse, _ = varlen_forward_checked(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window=window,
+                                         softcap=softcap, alibi=alibi, dropout_p=dropout_p, seed=seed)
+    return out, lse
+
+
+def varlen_forward_checked(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool, *, window=(-1, -1),
+                           softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0):
+    """``varlen_forward`` and whether it found every element of q, k and v finite (its one check
+    of them): the backward of the same call, passed ``inputs_finite=True``, checks only dout."""
     features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     H = q.shape[1]
     acc = _acc_dtype(q.dtype)
@@ -376,43 +397,54 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, causal: bool
     flash = _use_flash(q) and (features is None or features.window_only)
     window = None if features is None else features.window
     clean = flash and _finite(q, k, v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)   # the groups cover every row
-    lse = torch.empty((H, q.shape[0]), dtype=acc, device=q.device)
+    if len(plan) == 1:   # one group holds every row: the kernel's (n, L, H, D) output is `out`
+        out = lse = None
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)   # the groups cover every row
+        lse = torch.empty((H, q.shape[0]), dtype=acc, device=q.device)
     for g in plan:
         Lq, Lk, qst, kst = g.Lq, g.Lk, g.q_starts, g.k_starts
         if Lk == 0:  # no keys: zero output, lse -inf
-            _put(out, qst, Lq, 0.0)
-            _put(_lse_rows(lse), qst, Lq, float("-inf"))
+            if out is None:
+                return (q.new_zeros(q.shape), torch.full((H, q.shape[0]), float("-inf"), dtype=acc,
+                                                         device=q.device), clean)
+            _put(out, qst, Lq, 0.0, g.q_step)
+            _put(_lse_rows(lse), qst, Lq, float("-inf"), g.q_step)
             continue
         args = _flash_args(q, Lq, Lk, causal, window) if flash else None
         if args is not None:
-            qb, kb, vb = _seqs(q, qst, Lq), _seqs(k, kst, Lk), _seqs(v, kst, Lk)
+            qb, kb, vb = _seqs(q, qst, Lq, g.q_step), _seqs(k, kst, Lk, g.k_step), _seqs(v, kst, Lk, g.k_step)
             if clean or _finite(qb, kb, vb):
                 kb, vb, _ = _kv_for(kb, vb, H)
                 is_causal, mask = args
                 o, m = _FLASH(qb, kb, vb, 0.0, is_causal, attn_mask=mask, scale=scale)
-                if len(plan) == 1:  # one group holds every row: the kernel's (n, L, H, D) is `out`
-                    out = o.transpose(1, 2).reshape(q.shape)
-                else:
-                    _put(out, qst, Lq, o)
-                _put(_lse_rows(lse), qst, Lq, m.unsqueeze(-1))
+                if out is None:
+                    return o.transpose(1, 2).reshape(q.shape), m.transpose(0, 1).reshape(H, -1), clean
+                _put(out, qst, Lq, o, g.q_step)
+                _put(_lse_rows(lse), qst, Lq, m.unsqueeze(-1), g.q_step)
                 continue
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.empty((H, q.shape[0]), dtype=acc, device=q.device)
         qi = _rows(qst, Lq, q.device)
         o, m = _exact_forward(q, k, v, g, scale, causal, True, features)
         out.index_copy_(0, qi, o.to(q.dtype))
         lse[:, qi] = m
-    return out, lse
+    return out, lse, clean
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: float, causal: bool, *,
-                    window=(-1, -1), softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0):
-    """(dq, dk, dv); the keywords as ``varlen_forward``'s (dropout regenerates its keep mask)."""
+                    window=(-1, -1), softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0,
+                    inputs_finite: bool = False):
+    """(dq, dk, dv); the keywords as ``varlen_forward``'s (dropout regenerates its keep mask).
+    ``inputs_finite``: the forward (``varlen_forward_checked``) found q, k, v finite, so only
+    dout is checked (autograd refuses a backward whose saved inputs were changed in place)."""
     features = Features.of(causal, window, softcap, alibi, dropout_p, seed)
     H = q.shape[1]
     plan = _plan(cu_q, cu_k, causal)
     flash = _use_flash(q) and (features is None or features.window_only)
     window = None if features is None else features.window
-    clean = flash and _finite(dout, q, k, v)
+    clean = flash and (_finite(dout) if inputs_finite else _finite(dout, q, k, v))
     keys_seen = sum(len(g.k_starts) * g.Lk for g in plan)  # keys of query-less sequences get 0
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     alloc = torch.empty if keys_seen == k.shape[0] else torch.zeros
@@ -420,14 +452,14 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
     for g in plan:
         Lq, Lk, qst, kst = g.Lq, g.Lk, g.q_starts, g.k_starts
         if Lk == 0:
-            _put(dq, qst, Lq, 0.0)
+            _put(dq, qst, Lq, 0.0, g.q_step)
             continue
         args = _flash_args(q, Lq, Lk, causal, window) if flash else None
         if args is not None:
-            qb, dob = _seqs(q, qst, Lq), _seqs(dout, qst, Lq)
-            kb, vb = _seqs(k, kst, Lk), _seqs(v, kst, Lk)
+            qb, dob = _seqs(q, qst, Lq, g.q_step), _seqs(dout, qst, Lq, g.q_step)
+            kb, vb = _seqs(k, kst, Lk, g.k_step), _seqs(v, kst, Lk, g.k_step)
             if clean or _finite(qb, kb, vb, dob):
-                ob, m = _seqs(out, qst, Lq), _seqs(_lse_rows(lse), qst, Lq).squeeze(-1)
+                ob, m = _seqs(out, qst, Lq, g.q_step), _seqs(_lse_rows(lse), qst, Lq, g.q_step).squeeze(-1)
                 kx, vx, repeated = _kv_for(kb, vb, H)
                 is_causal, mask = args
                 gq, gk, gv = _FLASH_BWD(dob, qb, kx, vx, ob, m.to(_acc_dtype(q.dtype)), 0.0, is_causal,
@@ -438,12 +470,12 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
                 if len(plan) == 1:
                     dq = gq.transpose(1, 2).reshape(q.shape)
                 else:
-                    _put(dq, qst, Lq, gq)
+                    _put(dq, qst, Lq, gq, g.q_step)
                 if len(plan) == 1 and keys_seen == k.shape[0]:
                     dk, dv = gk.transpose(1, 2).reshape(k.shape), gv.transpose(1, 2).reshape(v.shape)
                 else:
-                    _put(dk, kst, Lk, gk)
-                    _put(dv, kst, Lk, gv)
+                    _put(dk, kst, Lk, gk, g.k_step)
+                    _put(dv, kst, Lk, gv, g.k_step)
                 continue
         qi, ki = _rows(qst, Lq, q.device), _rows(kst, Lk, q.device)
         dqb, dkb, dvb = _exact_backward(dout, q, k, v, out, lse, g, scale, causal, features)
