@@ -169,6 +169,30 @@ def test_atomic_no_leftovers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "report.md"]
 
 
+def test_unchanged_plots_are_not_redrawn(tmp_path, monkeypatch):
+    import asvit_kernels.pipeline.report as report
+    drawn = []
+    for name in ("_plot_search", "_plot_family", "_plot_training"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name: drawn.append(_name) or _real(*a))
+    r = _results()
+    write_report(tmp_path, r)
+    assert sorted(drawn) == ["_plot_family", "_plot_search", "_plot_training"]
+    drawn.clear()
+    r["train"]["metrics"].append({**r["train"]["metrics"][-1], "epoch": 6})  # one more epoch: training only
+    write_report(tmp_path, r)
+    assert drawn == ["_plot_training"]
+    drawn.clear()
+    r["scaling"]["chosen"] = 1  # another trained member: the family plot marks it
+    (tmp_path / "plots" / "search.png").write_bytes(b"edited")  # a file changed since: drawn again
+    write_report(tmp_path, r)
+    assert sorted(drawn) == ["_plot_family", "_plot_search"]
+    _check_png(tmp_path / "plots" / "search.png")
+    drawn.clear()
+    write_report(tmp_path / "other", r)  # another directory has its own files
+    assert len(drawn) == 3
+
+
 @pytest.mark.parametrize("s, expected", [
     (0, "0.0 s"), (4.2, "4.2 s"), (59.94, "59.9 s"), (59.96, "1 min 00 s"), (192, "3 min 12 s"),
     (3599.4, "59 min 59 s"), (3599.6, "1 h 00 min"), (3725, "1 h 02 min"), (90061, "25 h 01 min"),
