@@ -38,6 +38,7 @@ from asvit_kernels.search import indicators
 from asvit_kernels.search.scaling import full_genotype, full_params, make_candidates
 from asvit_kernels.search.topology import CategoricalPolicy
 from asvit_kernels.train import data as data_lib
+from asvit_kernels.train.trainer import adamw
 
 from .presets import Preset
 
@@ -146,7 +147,7 @@ def _time_steps(genotype: Genotype, data: data_lib.ImageData, batch_size: int, e
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AsViT.from_genotype(genotype, num_classes=data.num_classes, img_size=data.image_size).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = adamw([{"params": list(model.parameters())}], lr=1e-4)  # the trainer's optimizer
         x = torch.randn(batch_size, 3, data.image_size, data.image_size, device=device)
         y = torch.randint(data.num_classes, (batch_size,), device=device)
         x_eval = torch.randn(eval_batch_size, 3, data.image_size, data.image_size, device=device)
