@@ -302,10 +302,11 @@ def test_layer_norm_non_finite_rows_stay_in_their_rows():
 
 @pytest.mark.parametrize("composite_max", [0, 10 ** 9])
 def test_torch_linear_single_run_paths(composite_max, monkeypatch, poison):
-    """Single-run ranges: F.linear on views (small weights) and the autograd.Function whose
-    backward writes each weight-gradient block once (large weights)."""
+    """Single-run ranges: F.linear on views (small weights or blocks) and _RunLinear, whose
+    backward writes each weight-gradient block once (large ones)."""
     from asvit_kernels.ops import elastic as ops_elastic
     monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_WEIGHT", composite_max)
+    monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_BLOCK", composite_max)
     for n, (in_r, out_r) in enumerate([((0, 30), (0, 60)), ((120, 30), (84, 60)), (None, (10, 1))]):
         for dtype in (torch.float32, torch.float64):
             run_linear("cpu", "torch", dtype, 144, 150, in_r, out_r, (2, 37), n != 1, n)
