@@ -3,7 +3,8 @@ network the topology search ranks and the scaling grows (ALGORITHMS.md, "As-ViT"
 
 Layout. Tokens travel channels-last as ``(B, H, W, C)``, so every ``nn.Linear``, ``nn.Conv2d`` and
 ``nn.LayerNorm`` sees the batch as its leading dim (``asvit_kernels.ntk``'s fast path needs that).
-Window attention partitions the tokens only after the qkv projection: the windows of the whole
+Window attention puts the tokens in window order before the qkv projection and back after the
+output projection (both act per token, and x is a third of qkv's width): the windows of the whole
 batch are packed as sequences and go through one ``varlen_attention`` call per block; windows at
 the bottom/right edge of a grid the window side does not divide are smaller (no padding).
 
@@ -171,15 +172,24 @@ class WindowAttention(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         N, inner = H * W, self.num_heads * self.head_dim
-        perm, inverse, cu, max_len = window_layout(H, W, *window_sides((H, W), self.split), B, x.device)
-        qkv = self.qkv(x).reshape(B, N, 3 * inner)
+        wh, ww = window_sides((H, W), self.split)
+        perm, inverse, cu, max_len = window_layout(H, W, wh, ww, B, x.device)
+        # qkv and proj act per token, so the tokens are put in window order on x (C wide, not
+        # qkv's 3C) and back after proj; grids the window divides permute (a copy whose backward
+        # is a copy), others gather. The batch stays the leading dim of every Linear's input.
+        even = perm is not None and H % wh == 0 and W % ww == 0
+        if even:
+            x = x.reshape(B, H // wh, wh, W // ww, ww, C).transpose(2, 3).reshape(B, N, C)
+        elif perm is not None:
+            x = x.reshape(B, N, C).index_select(1, perm)
+        q, k, v = self.qkv(x).reshape(B * N, 3, self.num_heads, self.head_dim).unbind(1)
+        o = varlen_attention(q, k, v, cu, cu, max_len, max_len, backend=self.backend)
+        o = self.proj(o.reshape(B, N, inner))
+        if even:
+            return o.reshape(B, H // wh, W // ww, wh, ww, C).transpose(2, 3).reshape(B, H, W, C)
         if perm is not None:
-            qkv = qkv.index_select(1, perm)
-        q, k, v = qkv.reshape(B * N, 3, self.num_heads, self.head_dim).unbind(1)
-        o = varlen_attention(q, k, v, cu, cu, max_len, max_len, backend=self.backend).reshape(B, N, inner)
-        if inverse is not None:
             o = o.index_select(1, inverse)
-        return self.proj(o).reshape(B, H, W, C)
+        return o.reshape(B, H, W, C)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, split={self.split}"
