@@ -122,7 +122,8 @@ def test_a_running_training_says_so(tmp_path):
     r["train"]["status"] = "running"
     r["train"]["metrics"] = r["train"]["metrics"][:2]
     text = _section(write_report(tmp_path, r).read_text(), "Training")
-    assert "Status: running after 2 of 6 epochs (this report is rewritten after every epoch)" in text
+    assert ("Status: running after 2 of 6 epochs (this report is rewritten after every epoch, its plot at most "
+            "every 30 s)") in text
 
 
 def test_inf_and_nan_kappa(tmp_path):
@@ -190,6 +191,28 @@ def test_unchanged_plots_are_not_redrawn(tmp_path, monkeypatch):
     _check_png(tmp_path / "plots" / "search.png")
     drawn.clear()
     write_report(tmp_path / "other", r)  # another directory has its own files
+    assert len(drawn) == 3
+
+
+def test_a_running_training_plot_is_redrawn_at_most_every_interval(tmp_path, monkeypatch):
+    import asvit_kernels.pipeline.report as report
+    drawn, now = [], [1000.0]
+    monkeypatch.setattr(report, "_plot_training", lambda *a, _real=report._plot_training: drawn.append(1) or _real(*a))
+    monkeypatch.setattr(report.time, "monotonic", lambda: now[0])
+    r = _results()
+    r["train"]["status"] = "running"
+    write_report(tmp_path, r)
+    metrics = r["train"]["metrics"]
+    metrics.append({**metrics[-1], "epoch": 6})
+    now[0] += report.RUNNING_PLOT_EVERY - 1
+    write_report(tmp_path, r)  # another epoch, drawn 29 s ago: the plot is kept
+    assert len(drawn) == 1
+    now[0] += 1
+    write_report(tmp_path, r)
+    assert len(drawn) == 2
+    metrics.append({**metrics[-1], "epoch": 7})
+    r["train"]["status"] = "finished"
+    write_report(tmp_path, r)  # the stage's end draws the last epochs at once
     assert len(drawn) == 3
 
 

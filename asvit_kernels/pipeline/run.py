@@ -10,7 +10,8 @@ Layout of a run directory::
     search/              REINFORCE checkpoint (search.topology) and result.json once finished
     scale/               scaling checkpoint (search.scaling) and result.json once finished
     train/               training checkpoints, metrics.jsonl, final weights, result.json
-    report.md, plots/    rewritten (atomically) after each stage and each training epoch
+    report.md, plots/    rewritten (atomically) after each stage and each training epoch (the
+                         training plot at most every ``report.RUNNING_PLOT_EVERY`` s until the end)
 
 Every stage is resumable: rerunning the same command continues a killed stage from its last
 checkpoint and skips finished ones (their ``result.json`` exists). Re-running with other settings
