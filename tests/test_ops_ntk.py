@@ -134,11 +134,14 @@ def test_ntk_several_initialisations():
     models = [TinyViT().double() for _ in range(3)]
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     K, info = ak.ntk(models, x, params="weights", return_info=True)
-    assert info["path"] == "fast", info  # one pass, vmapped over the stacked models
+    assert info["path"] == "fast", info
+    assert info["method"] == "one model per pass (autograd)" and "cost model" in info["why"], info
     assert K.shape == (3, 4, 4)
     for k, m in zip(K, models):
         assert rel_err(k, reference.ntk_loop(m, x, params="weights")) <= 1e-6
-    assert rel_err(ak.ntk(models, x, params="weights", models_per_pass=2), K) <= 1e-12
+    K2, info = ak.ntk(models, x, params="weights", models_per_pass=2, return_info=True)
+    assert info["method"] == "2 models per vmapped pass" and info["why"] == "models_per_pass=2", info
+    assert rel_err(K2, K) <= 1e-12
     with pytest.raises(ValueError, match="models_per_pass"):
         ak.ntk(models, x, models_per_pass=0)
 

@@ -245,8 +245,11 @@ def _one_model_pass(model, x, output_fn, records, plain, tracked, chosen, use_pr
 
     params = dict(chosen)
     watched = {id(params[n]): n for n in tracked}
-    owners = {pid: {id(r) for r in records if any(p is params[n] for p in r.parameters(recurse=False))}
-              for pid, n in watched.items()}
+    owners = {pid: set() for pid in watched}
+    for r in records:
+        for p in r.parameters(recurse=False):
+            if id(p) in owners:
+                owners[id(p)].add(id(r))
     state = {n: params[n] for n in plain}
     plain_probes = [torch.zeros(B, *state[n].shape[1:], device=x.device, dtype=state[n].dtype,
                                 requires_grad=True) for n in plain]
@@ -516,9 +519,16 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
         sample 0 replaced to check that the samples do not interact. With ``models_per_pass=k > 1``
         k models share one pass, vmapped over their stacked parameters (``torch.func``; a shape
         pass more and the weights' batch gradients, to check their uses). Cost model, stated:
-        a vmapped pass holds k models' activations and gradients (k times the memory) and does
-        more work per model; it saves only Python overhead, so one model per pass is the default.
-        ``info["method"]`` says which ran. Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
+        per model the fast path costs a forward, a backward without weight gradients and, per
+        layer, the Gram of its per-sample gradients: min(tiles ``B T D_in D_out + B^2 D_in D_out``,
+        tokens ``B^2 T^2 (D_in + D_out)``) multiply-adds (``per_sample_grad_gram``'s torch route),
+        holding one model's activations and 4 MiB of per-sample tiles. A vmap of vjp / jacrev over
+        the samples does the same multiply-adds (its backward forms the per-sample weight
+        gradients, then the same B^2 P contraction) and holds all B P per-sample gradients, so it
+        runs only as the exact path. A vmapped pass over k models holds k models' activations
+        and gradients (k times the memory) for less Python overhead, so one model per pass is the
+        default. ``info["method"]`` says which ran and ``info["why"]`` why.
+        Taken when every selected parameter lives in ``nn.Linear``, ``nn.Conv2d``,
         ``nn.LayerNorm``, ``nn.Embedding`` fed ``(B, ...)``, or is a plain parameter broadcast over
         the batch (leading dim 1: class token, position embedding).
       - ``"exact"``: anything else (a layer fed ``(B * windows, ...)``, an unknown layer, BatchNorm
@@ -549,16 +559,22 @@ def ntk(model: Union[nn.Module, Sequence[nn.Module]], x: Tensor, *, output_fn: O
                                         or models_per_pass < 1):
         raise ValueError(f"models_per_pass must be None or a positive int, got {models_per_pass!r}")
     step = models_per_pass or 1
-    method = ("one model per pass (autograd)" if step == 1 or len(models) == 1
-              else f"{min(step, len(models))} models per vmapped pass")
-    info = {"path": "fast", "method": method, "reason": None}
+    if len(models) == 1:
+        method, why = "one model per pass (autograd)", "a single model"
+    elif models_per_pass is None:
+        method, why = "one model per pass (autograd)", "the default (cost model: k models per pass, k x the memory)"
+    else:
+        method = "one model per pass (autograd)" if step == 1 else f"{min(step, len(models))} models per vmapped pass"
+        why = f"models_per_pass={step}"
+    info = {"path": "fast", "method": method, "why": why, "reason": None}
     try:
         K = torch.cat([_fast_ntk(models[i:i + step], x, output_fn, params, backend)
                        for i in range(0, len(models), step)])
-    except _Fallback as why:
+    except _Fallback as err:
         exact = [_exact_ntk(m, x, output_fn, select_parameters(m, params)) for m in models]
         K = torch.stack([k for k, _ in exact])
-        info = {"path": "exact", "method": exact[0][1], "reason": str(why)}
+        info = {"path": "exact", "method": exact[0][1], "why": "the fast path's premise fails (see reason)",
+                "reason": str(err)}
     if not isinstance(model, (list, tuple)):
         K = K[0]
     _PATHS["calls"] += 1
