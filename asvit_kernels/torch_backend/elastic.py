@@ -51,7 +51,9 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         return F.linear(x, weight[o.src:o.src + o.length, i.src:i.src + i.length],
                         None if bias is None else bias[o.src:o.src + o.length])
     if GATHER_PIECES:
-        return F.linear(x, _gathered(weight, in_runs, out_runs), _gathered_bias(bias, out_runs))
+        out_idx = _idx(out_ranges, out_runs, C_out, weight)
+        return F.linear(x, _gathered(weight, in_ranges, in_runs, out_idx, out_runs),
+                        None if bias is None else _take(bias, out_idx, out_runs))
     y = torch.empty(x.shape[0], sum(o.length for o in out_runs), device=x.device, dtype=x.dtype)
     for o in out_runs:
         rows, dst = weight[o.src:o.src + o.length], y[:, o.dst:o.dst + o.length]
@@ -69,46 +71,69 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 # A range of several runs (wrapped, or a qkv weight's q/k/v blocks): gather the used block (o x i
 # entries, against the T x o x i multiply-adds of each product) and run each product as ONE matmul,
 # instead of one small matmul per pair of runs. Measured faster on a CPU (bench/elastic.py wrapped
-# rows, the qkv projection of bench/models.py); False runs the per-run products on views.
+# rows, the qkv projection of bench/models.py); False runs the per-run products on views. Gathers
+# and scatters go through the cached index tables: one indexing op per side whatever the number of
+# runs (a cyclic qkv has up to 6 x 2), where slices, cats and copies per run cost ~100 small ops.
 GATHER_PIECES = True
 
 
-def _gathered(weight: torch.Tensor, in_runs, out_runs) -> torch.Tensor:
-    """``weight[out_idx][:, in_idx]`` from contiguous blocks (a view when both sides are one run)."""
-    def cols(rows):
-        parts = [rows[:, i.src:i.src + i.length] for i in in_runs]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    blocks = [cols(weight[o.src:o.src + o.length]) for o in out_runs]
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
-
-
-def _gathered_bias(bias: Optional[torch.Tensor], out_runs) -> Optional[torch.Tensor]:
-    if bias is None:
+def _idx(ranges, runs, size: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The int64 index table of several runs; None for one run (a slice serves it)."""
+    if len(runs) == 1:
         return None
-    parts = [bias[o.src:o.src + o.length] for o in out_runs]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return index_table(tuple(tuple(r) for r in ranges), size, like.device, torch.int64)
 
 
-def _weight_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, in_runs, out_runs) -> torch.Tensor:
-    """Full-size dweight: each used block written once by its matmul (beta=0 ignores the unwritten
-    memory), only the unused rows and columns zeroed."""
+def _take(t: torch.Tensor, idx: Optional[torch.Tensor], runs, dim: int = 0) -> torch.Tensor:
+    """``t``'s entries of the runs along ``dim``, in range order: a view of one run, else a gather."""
+    if idx is None:
+        return t.narrow(dim, runs[0].src, runs[0].length)
+    return t.index_select(dim, idx)
+
+
+def _gathered(weight: torch.Tensor, in_ranges, in_runs, out_idx, out_runs) -> torch.Tensor:
+    """``weight[out_idx][:, in_idx]`` (a view when both sides are one run)."""
+    rows = _take(weight, out_idx, out_runs)
+    return _take(rows, _idx(in_ranges, in_runs, weight.shape[1], weight), in_runs, 1)
+
+
+def _put(dst: torch.Tensor, idx: Optional[torch.Tensor], runs, src: torch.Tensor) -> None:
+    """The inverse of ``_take`` (rows) into a zeroed ``dst``."""
+    if idx is None:
+        dst.narrow(0, runs[0].src, runs[0].length).copy_(src)
+    else:
+        dst.index_copy_(0, idx, src)
+
+
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, in_ranges, in_runs, out_idx,
+                 out_runs) -> torch.Tensor:
+    """Full-size dweight. Gathered: one matmul, then its block placed into zeros (rows by one
+    index_copy_, columns by a second one when they are several runs too). Per run: each used block
+    written once by its matmul (beta=0 ignores the unwritten memory), only the unused rows and
+    columns zeroed."""
     C_out, C_in = weight.shape
+    if GATHER_PIECES and len(in_runs) * len(out_runs) > 1:
+        g = dy.t().mm(x)  # (out width, in width), range order
+        in_idx = _idx(in_ranges, in_runs, C_in, weight)
+        dw = torch.zeros_like(weight)
+        if in_idx is None:  # one column run: its rows placed
+            _put(dw.narrow(1, in_runs[0].src, in_runs[0].length), out_idx, out_runs, g)
+        elif out_idx is None:  # one row run: its columns placed
+            dw.narrow(0, out_runs[0].src, out_runs[0].length).index_copy_(1, in_idx, g)
+        else:  # columns placed into full-width rows, then the rows
+            dw.index_copy_(0, out_idx, g.new_zeros(g.shape[0], C_in).index_copy_(1, in_idx, g))
+        return dw
     dw = torch.empty_like(weight)
     for a, b in _gaps(out_runs, C_out):
         dw[a:b].zero_()
     col_gaps = _gaps(in_runs, C_in)
-    gathered = dy.t().mm(x) if GATHER_PIECES and len(in_runs) * len(out_runs) > 1 else None
     for o in out_runs:
         rows = dw[o.src:o.src + o.length]
         for a, b in col_gaps:
             rows[:, a:b].zero_()
         dyo_t = dy[:, o.dst:o.dst + o.length].t()
         for i in in_runs:
-            block = rows[:, i.src:i.src + i.length]
-            if gathered is None:
-                block.addmm_(dyo_t, x[:, i.dst:i.dst + i.length], beta=0)
-            else:
-                block.copy_(gathered[o.dst:o.dst + o.length, i.dst:i.dst + i.length])
+            rows[:, i.src:i.src + i.length].addmm_(dyo_t, x[:, i.dst:i.dst + i.length], beta=0)
     return dw
 
 
@@ -117,8 +142,9 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, in_
     C_out, C_in = weight.shape
     in_runs, out_runs = concat_pieces(in_ranges, C_in), concat_pieces(out_ranges, C_out)
     dx = dw = db = None
+    out_idx = _idx(out_ranges, out_runs, C_out, weight) if GATHER_PIECES else None
     if need_dx and GATHER_PIECES:
-        dx = dy.mm(_gathered(weight, in_runs, out_runs))
+        dx = dy.mm(_gathered(weight, in_ranges, in_runs, out_idx, out_runs))
     elif need_dx:
         dx = torch.empty_like(x) if len(in_runs) > 1 else None
         for i in in_runs:
@@ -133,11 +159,14 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, in_
                     acc = torch.mm(dyo, wo, out=dx[:, i.dst:i.dst + i.length])
             dx = acc if dx is None else dx
     if need_dw:
-        dw = _weight_grad(dy, x, weight, in_runs, out_runs)
+        dw = _weight_grad(dy, x, weight, in_ranges, in_runs, out_idx, out_runs)
     if need_db:
         db = torch.zeros(C_out, device=dy.device, dtype=weight.dtype)
-        for o in out_runs:
-            _sum_rows_into(db[o.src:o.src + o.length], dy[:, o.dst:o.dst + o.length])
+        if out_idx is not None:
+            db.index_copy_(0, out_idx, dy.sum(0, dtype=db.dtype))
+        else:
+            for o in out_runs:
+                _sum_rows_into(db[o.src:o.src + o.length], dy[:, o.dst:o.dst + o.length])
     return dx, dw, db
 
 
