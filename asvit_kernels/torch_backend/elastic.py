@@ -92,9 +92,12 @@ def _take(t: torch.Tensor, idx: Optional[torch.Tensor], runs, dim: int = 0) -> t
 
 
 def _gathered(weight: torch.Tensor, in_ranges, in_runs, out_idx, out_runs) -> torch.Tensor:
-    """``weight[out_idx][:, in_idx]`` (a view when both sides are one run)."""
-    rows = _take(weight, out_idx, out_runs)
-    return _take(rows, _idx(in_ranges, in_runs, weight.shape[1], weight), in_runs, 1)
+    """``weight[out_idx][:, in_idx]`` (a view when both sides are one run). One column run is
+    narrowed first, so the row gather copies only the block."""
+    in_idx = _idx(in_ranges, in_runs, weight.shape[1], weight)
+    if in_idx is None:
+        return _take(_take(weight, None, in_runs, 1), out_idx, out_runs)
+    return _take(_take(weight, out_idx, out_runs), in_idx, in_runs, 1)
 
 
 def _put(dst: torch.Tensor, idx: Optional[torch.Tensor], runs, src: torch.Tensor) -> None:
