@@ -29,6 +29,15 @@ def test_per_sample_grad_gram_matches_reference(device, backend, shape, poison):
             assert rel_err(ak.per_sample_grad_gram(a[:, 0].to(device), g[:, 0].to(device), backend=backend), want) <= tol
 
 
+def test_torch_gram_tiles_add_up(monkeypatch):
+    """Both torch routes in several tiles (rows of D_out, samples of the token route) give the Gram."""
+    from asvit_kernels.torch_backend import ntk as torch_ntk
+    monkeypatch.setattr(torch_ntk, "TILE_BYTES", 4096)
+    for B, T, D_in, D_out in ((4, 12, 10, 40), (9, 4, 30, 30)):  # tiles (4 of 12 rows); tokens (3 of 3 samples)
+        a, g = torch.randn(B, T, D_in, dtype=torch.float64), torch.randn(B, T, D_out, dtype=torch.float64)
+        assert rel_err(torch_ntk.per_sample_grad_gram(a, g), reference.per_sample_grad_gram(a, g)) <= 1e-12
+
+
 @pytest.mark.parametrize("device,backend", cases("per_sample_grad_gram"))
 def test_per_sample_grad_gram_strided_inputs(device, backend):
     a = torch.randn(20, 6, 9, device=device).transpose(0, 1)   # (6, 20, 9), batch stride 9

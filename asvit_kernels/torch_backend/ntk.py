@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import torch
 
-# Per-sample tiles held at once. Small enough to stay in cache and in the allocator's heap: a tile
-# of tens of MB is a fresh mmap every time, page-faulted in (ViT-S fc1 at B = 16, one thread:
-# 27 ms with 64 MiB tiles, 10 ms with 4 MiB; below 1 MiB the matmuls get too thin).
+# Per-sample tiles held at once. On the CPU small enough to stay in cache and in malloc's heap: a
+# tile of tens of MB is a fresh mmap every time, page-faulted in (ViT-S fc1 at B = 16, one thread:
+# 27 ms with 64 MiB tiles, 10 ms with 4 MiB; below 1 MiB the matmuls get too thin). On a GPU
+# (caching allocator, launch-bound) large tiles.
 TILE_BYTES = 4 * 2 ** 20
+TILE_BYTES_GPU = 64 * 2 ** 20
+
+
+def _tile_bytes(t: torch.Tensor) -> int:
+    return TILE_BYTES if t.device.type == "cpu" else TILE_BYTES_GPU
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -28,7 +34,7 @@ def per_sample_grad_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if B * B * T * T * (D_in + D_out) < B * T * D_in * D_out + B * B * D_in * D_out:
         return _by_tokens(a, g)
     K = torch.zeros(B, B, device=a.device, dtype=acc)
-    rows = max(1, TILE_BYTES // (B * D_in * a.element_size()))
+    rows = max(1, _tile_bytes(a) // (B * D_in * a.element_size()))
     for o in range(0, D_out, rows):
         P = torch.bmm(g[:, :, o:o + rows].transpose(1, 2), a).reshape(B, -1)  # (B, rows, D_in)
         K.addmm_(P, P.T)
@@ -39,7 +45,7 @@ def _by_tokens(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     B, T, _ = a.shape
     A, G = a.reshape(B * T, -1), g.reshape(B * T, -1)
     K = torch.empty(B, B, device=a.device, dtype=a.dtype)
-    step = max(1, TILE_BYTES // (T * B * T * a.element_size()))
+    step = max(1, _tile_bytes(a) // (T * B * T * a.element_size()))
     for i in range(0, B, step):
         rows = slice(i * T, min(i + step, B) * T)
         M = (A[rows] @ A.T) * (G[rows] @ G.T)
