@@ -79,7 +79,7 @@ def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
 # change nothing and let it through; anything else (bad input included) goes the general way,
 # which raises the clear errors.
 
-_LEAN_DTYPES = (torch.float32, torch.float64)
+_F32, _F64 = torch.float32, torch.float64
 
 
 def _lean_backend(backend) -> bool:
@@ -92,12 +92,17 @@ def _lean_backend(backend) -> bool:
 
 def _lean_ok(x, weight, bias, ndim: int, backend) -> bool:
     """CPU tensors of one fp32/fp64 dtype, ``weight`` ``ndim``-D, ``bias`` None or 1-D of its
-    leading size, the torch backend, plain eager, no transform."""
-    return (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.is_cpu and weight.is_cpu
-            and x.dtype in _LEAN_DTYPES and weight.dtype == x.dtype and weight.dim() == ndim
-            and (bias is None or (isinstance(bias, Tensor) and bias.is_cpu and bias.dtype == x.dtype
-                                  and bias.shape == weight.shape[:1]))
-            and _lean_backend(backend) and not _transforms.active() and _transforms.plain_eager())
+    leading size, the torch backend, plain eager, no transform. (dtypes are singletons: ``is``.)"""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
+        return False
+    dt = x.dtype
+    if not ((dt is _F32 or dt is _F64) and weight.dtype is dt and x.is_cpu and weight.is_cpu
+            and weight.dim() == ndim):
+        return False
+    if bias is not None and not (isinstance(bias, Tensor) and bias.dtype is dt and bias.is_cpu and bias.dim() == 1
+                                 and bias.shape[0] == weight.shape[0]):
+        return False
+    return _lean_backend(backend) and not _transforms.active() and _transforms.plain_eager()
 
 
 def _one_run(r, size: int):
