@@ -73,7 +73,7 @@ def _pairs(flat: list[int]) -> tuple[tuple[int, int], ...]:
 
 
 # ----------------------------------------------------------------------------- the lean CPU path
-# The common CPU call (plain eager, fp32/fp64, the torch backend, every range one run of channels)
+# The common CPU call (plain eager, fp32/fp64 CPU tensors, the torch backend, ranges of exact ints)
 # skips the general validation, autocast and backend lookup (~25 us a call, 5% of a (1576, 192)
 # LayerNorm's forward+backward): it takes a call only when cheap exact checks prove that those would
 # change nothing and let it through; anything else (bad input included) goes the general way,
