@@ -171,6 +171,24 @@ def test_checkpoint_files(reference):
     assert all(math.isfinite(r["val_acc"]) and math.isfinite(r["train_loss"]) for r in summary["epochs"])
 
 
+def test_write_tensors_is_a_safetensors_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 4, generator=g), "f64": torch.randn(5, dtype=torch.float64, generator=g),
+               "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4), "u8": torch.arange(7, dtype=torch.uint8),
+               "transposed": torch.randn(4, 6, generator=g).t(), "bool": torch.tensor([True, False, True]),
+               "bf16": torch.randn(3, generator=g).bfloat16(), "f16": torch.randn(2, 2, generator=g).half(),
+               "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "i8": torch.tensor(-7, dtype=torch.int8)}
+    tensors["row"] = tensors["f32"][1]  # shares f32's storage: written as its own tensor
+    for name, group in (("ours", tensors), ("other dtypes", {**tensors, "c64": torch.ones(2, dtype=torch.complex64)})):
+        path = tmp_path / f"{name}.safetensors"
+        sha = ckpt.write_tensors(path, group)
+        for back in (load_file(str(path)), ckpt.read_tensors(path, sha)):
+            assert set(back) == set(group), name
+            assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in group.items()), name
+    ckpt.write_tensors(tmp_path / "none.safetensors", {})
+    assert load_file(str(tmp_path / "none.safetensors")) == {}
+
+
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_between_epochs_is_bit_for_bit(reference, tmp_path):

@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -80,12 +81,41 @@ def sha256(data: bytes) -> str:
 
 
 def write_tensors(path: atomic.PathLike, tensors: Mapping[str, torch.Tensor]) -> str:
-    """Atomically write ``tensors`` (copied to contiguous CPU tensors) as one safetensors file;
-    returns the SHA-256 of the bytes written."""
-    flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    data = st_save(flat)
+    """Atomically write ``tensors`` as one safetensors file; returns the SHA-256 of the bytes written."""
+    data = _serialize(tensors)
     atomic.write_bytes(path, data)
     return sha256(data)
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _serialize(tensors: Mapping[str, torch.Tensor]) -> bytes | memoryview:
+    """The safetensors file of ``tensors``: an 8-byte little-endian header length, the JSON header
+    (padded with spaces to 8 bytes), then each tensor's bytes, largest elements first so each is
+    aligned. Every tensor is copied once, from any device, straight into the file's buffer:
+    safetensors.torch.save of a detached CPU copy made three copies (the quick preset's 69 MB
+    checkpoint, 1 thread, load ~5: 254 -> 97 ms). Other dtypes go through safetensors."""
+    if sys.byteorder != "little" or any(v.dtype not in _ST_DTYPES for v in tensors.values()):
+        return st_save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header, end = {}, 0
+    for k, v in items:
+        start, end = end, end + v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [start, end]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    base = 8 + len(text)
+    out = torch.empty(base + end, dtype=torch.uint8, device="cpu")
+    data = memoryview(out.numpy())
+    data[:base] = len(text).to_bytes(8, "little") + text
+    for k, v in items:
+        start, stop = header[k]["data_offsets"]
+        if stop > start:
+            out[base + start:base + stop].view(v.dtype).view(v.shape).copy_(v.detach())
+    return data
 
 
 def _parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
