@@ -132,13 +132,20 @@ def pieces(channel_range: Range, size: int) -> tuple[Piece, ...]:
 def _concat_pieces(ranges: tuple[Range, ...], size: int) -> tuple[Piece, ...]:
     runs, base = [], 0
     for r in ranges:
-        runs += [Piece(p.src, p.length, base + p.dst) for p in pieces(r, size)]
+        for p in pieces(r, size):
+            last = runs[-1] if runs else None
+            if last is not None and last.src + last.length == p.src and last.dst + last.length == base + p.dst:
+                runs[-1] = Piece(last.src, last.length + p.length, last.dst)  # adjacent: one run
+            else:
+                runs.append(Piece(p.src, p.length, base + p.dst))
         base += r[1]
     return tuple(runs)
 
 
 def concat_pieces(ranges: Sequence[Range], size: int) -> tuple[Piece, ...]:
-    """Contiguous runs of concatenated normalized ranges, with destinations in the concatenated order."""
+    """Contiguous runs of concatenated normalized ranges, with destinations in the concatenated
+    order; runs that continue each other in both are merged (a full-width qkv's q, k and v blocks
+    are one run, so the torch backend serves it as dense F.linear on views)."""
     return _concat_pieces(tuple(tuple(r) for r in ranges), size)
 
 

@@ -324,3 +324,15 @@ def test_lean_cpu_path_keeps_the_backend_rule(monkeypatch):
     for env in ("torch", " Auto "):
         monkeypatch.setenv("ASVIT_BACKEND", env)
         torch.testing.assert_close(ak.elastic_linear(x, w, b, None, (1, 3)), x @ w[1:4].t() + b[1:4])
+
+
+def test_adjacent_out_ranges_are_one_run(poison):
+    """A full-width qkv's q, k and v blocks continue each other: one run (dense F.linear on views),
+    still equal to the reference; a gap or a wrap keeps them apart."""
+    from asvit_kernels.ranges import concat_pieces
+    assert len(concat_pieces([(0, 16), (16, 16), (32, 16)], 48)) == 1
+    assert len(concat_pieces([(0, 15), (16, 16)], 48)) == 2
+    assert len(concat_pieces([(40, 8), (0, 4)], 48)) == 2
+    for dtype in (torch.float32, torch.float64):
+        run_linear("cpu", "torch", dtype, 48, 20, (0, 20), [(0, 16), (16, 16), (32, 16)], (2, 9), True, 5)
+        run_linear("cpu", "torch", dtype, 48, 20, (3, 12), [(8, 16), (24, 16)], (2, 9), False, 6)

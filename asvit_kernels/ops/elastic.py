@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..ranges import RangeLike, normalize_range, normalize_ranges, total_width
+from ..ranges import RangeLike, concat_pieces, normalize_range, normalize_ranges, pieces, total_width
 from ..torch_backend.elastic import layer_norm_composite
 from . import _autocast, _transforms, _validate
 
@@ -269,6 +269,9 @@ def _linear_lean(x, weight, bias, in_range, out_range, backend) -> Optional[Tens
     out_r = normalize_ranges(out_range, C_out, "out_range")
     if x.shape[-1:] != in_r[1:]:
         return None
+    (i, *more_in), (o, *more_out) = pieces(in_r, C_in), concat_pieces(out_r, C_out)
+    if not more_in and not more_out:  # e.g. a full-width qkv's q, k and v blocks: one run
+        return _run_linear(x, weight, bias, i.src, i.length, o.src, o.length)
     return _EagerLinear.apply(x, weight, bias, (in_r,), out_r, "torch")
 
 
