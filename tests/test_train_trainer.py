@@ -171,6 +171,24 @@ def test_checkpoint_files(reference):
     assert all(math.isfinite(r["val_acc"]) and math.isfinite(r["train_loss"]) for r in summary["epochs"])
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, float("inf"), float("nan")])
+def test_clip_grad_norm_is_torchs(scale):
+    g = torch.Generator().manual_seed(0)
+    ours = [nn.Parameter(torch.randn(s, generator=g)) for s in [(8, 16), (16,), (3, 3)]]
+    for p in ours:
+        p.grad = torch.randn(p.shape, generator=g) * (1.0 if math.isnan(scale) else min(scale, 1.0))
+    ours[0].grad[0, 0] = scale  # within the norm, above it, or non-finite
+    ours.append(nn.Parameter(torch.ones(2)))  # no gradient
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        b.grad = None if a.grad is None else a.grad.clone()
+    trainer_mod._clip_grad_norm(ours, 5.0)
+    nn.utils.clip_grad_norm_(theirs, 5.0)
+    assert all(a.grad is b.grad is None or torch.equal(a.grad, b.grad) or
+               (a.grad.isnan() == b.grad.isnan()).all() and torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+               for a, b in zip(ours, theirs))
+
+
 def test_write_tensors_is_a_safetensors_file(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"f32": torch.randn(3, 4, generator=g), "f64": torch.randn(5, dtype=torch.float64, generator=g),

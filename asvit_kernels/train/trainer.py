@@ -170,6 +170,21 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
+    """``nn.utils.clip_grad_norm_``, without its multiplication by exactly 1.0 when the norm is
+    within ``max_norm`` on CPU, where asking is free (~2 ms of a quick-preset step's 4.3M gradients,
+    1 thread); on other devices the test would sync every step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if grads[0].device.type != "cpu":
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total = nn.utils.get_total_norm(grads, 2.0)
+    if not bool(max_norm / (total + 1e-6) >= 1.0):  # NaN clips, as in torch: every gradient becomes NaN
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def _mix(*parts: int) -> int:
     """A 63-bit seed from small ints (per-step generators: the same on every rank)."""
     h = 1469598103934665603
@@ -436,7 +451,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            _clip_grad_norm(list(self.model.parameters()), cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         for e in self.emas:
