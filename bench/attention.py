@@ -202,10 +202,11 @@ def _max_diff(a, b) -> str:  # a string: the table's 3 decimals would show 0.000
     return f"{(a.float() - b.float()).abs().max().item():.1e}"
 
 
-def bench_method(make, w, ref, tol, min_run_time) -> dict:
-    """Check, then time forward (no grad) and forward+backward (dq, dk, dv) of one method."""
+def bench_method(make, w, ref, tol) -> tuple[dict, dict]:
+    """Check one method; return its row and its timed passes ({"fwd_ms": fn, "fwdbwd_ms": fn}, only
+    those that ran and agreed): forward (no grad) and forward+backward (dq, dk, dv)."""
     out_ref, grads_ref = ref
-    row = {}
+    row, timed = {}, {}
     try:
         if make is None:
             raise RuntimeError("asvit_kernels has no varlen_attention yet")
@@ -219,10 +220,10 @@ def bench_method(make, w, ref, tol, min_run_time) -> dict:
         def fwd():
             with torch.no_grad():
                 m.attn(q, k, v)
-        row["fwd_ms"] = harness.time_ms(fwd, min_run_time)
-        row["fwd_tflops"] = w.flops / row["fwd_ms"] / 1e9
+        timed["fwd_ms"] = fwd
     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is a result, not a crash
-        return {**row, "fwd_ms": "n/a", "fwdbwd_ms": "n/a", "note": f"n/a: {_reason(e)}"[:110], "error": repr(e)}
+        return {**row, "fwd_ms": "n/a", "fwdbwd_ms": "n/a", "note": f"n/a: {_reason(e)}"[:110],
+                "error": repr(e)}, timed
     try:
         leaves = [m.native(x).detach().clone().requires_grad_() for x in (w.q, w.k, w.v)]
         dout = m.native(w.dout)
@@ -237,11 +238,10 @@ def bench_method(make, w, ref, tol, min_run_time) -> dict:
         row["grad_max_abs_diff"] = max((_max_diff(m.packed(p.grad), g) for p, g in zip(leaves, grads_ref)), key=float)
         if not float(row["grad_max_abs_diff"]) <= tol * max(1.0, max(g.abs().max().item() for g in grads_ref)):
             raise ValueError(f"gradients differ from varlen_attention(backend='torch') by {row['grad_max_abs_diff']}")
-        row["fwdbwd_ms"] = harness.time_ms(step, min_run_time)
-        row["fwdbwd_tflops"] = FWD_BWD_FLOP_FACTOR * w.flops / row["fwdbwd_ms"] / 1e9
+        timed["fwdbwd_ms"] = step
     except Exception as e:  # noqa: BLE001
         row.update(fwdbwd_ms="n/a", note=f"fwd+bwd n/a: {_reason(e)}"[:110], error=repr(e))
-    return row
+    return row, timed
 
 
 def print_useful_work(all_work: dict, keys: list[str], dtype: torch.dtype) -> None:
@@ -269,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--backends", default=None,
                     help="varlen_attention backends, comma list (default: what runs here, interpreter excluded)")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds per workload: every method timed once per round, median taken")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--useful-work", action="store_true",
                     help="print only the Triton tiles' useful-work fractions (packed, per-sequence, chosen)")
@@ -300,10 +302,17 @@ def main(argv=None):
         w = make_work(lens, args.heads, head_dim, device, dtype)
         ref = reference(w)
         useful = {c: useful_work_fraction(lens, head_dim, dtype, a) for c, a in zip(useful_cols, USEFUL_ARCHS)}
+        work_rows, timed = {}, {}
         for name, make in methods(device, varlen_backends).items():
-            rows.append({"workload": key, "shape": w.shape, "method": name,
-                         **bench_method(make, w, ref, tol, args.min_run_time), **useful})
-            print(harness.table(rows[-1:], cols), flush=True)
+            row, passes = bench_method(make, w, ref, tol)
+            work_rows[name] = {"workload": key, "shape": w.shape, "method": name, **row, **useful}
+            timed.update({(name, metric): (fn, None) for metric, fn in passes.items()})
+        for (name, metric), ms in harness.interleaved_ms(timed, args.rounds, args.min_run_time).items():
+            work_rows[name][metric] = ms
+            work_rows[name][metric.replace("_ms", "_tflops")] = \
+                (FWD_BWD_FLOP_FACTOR if metric == "fwdbwd_ms" else 1.0) * w.flops / ms / 1e9
+        rows += work_rows.values()
+        print(harness.table(list(work_rows.values()), cols), flush=True)
         del w, ref
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -315,7 +324,8 @@ def main(argv=None):
     if not args.no_write:
         notes = (f"{info['dtype']}, {args.heads} heads, non-causal self-attention, batch counts x{scale:g} "
                  f"(a 256x197, b 256 cycling 50/197/257, c 1024x49, d 32x3136, e = a with head dim 45). "
-                 f"Median ms. TFLOP/s counts useful work only: forward 4*sum(len_b^2)*H*D (QK^T and PV); "
+                 f"Median ms over {args.rounds} interleaved rounds (each round times every method of the workload "
+                 f"once, so load drift hits all alike). TFLOP/s counts useful work only: forward 4*sum(len_b^2)*H*D (QK^T and PV); "
                  f"forward+backward {FWD_BWD_FLOP_FACTOR}x that (backward = 2.5x forward, flash-attn convention); "
                  f"padded methods get no credit for padding. triton_useful_smXX: useful score entries / entries "
                  f"the Triton kernels' tiles compute (fwd + dq + dk/dv), with the tiles the launcher picks for "

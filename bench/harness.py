@@ -12,11 +12,13 @@ tables, pytest-benchmark's fixture for ``pytest bench``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -78,6 +80,19 @@ def time_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return m.median * 1e3
+
+
+def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5) -> dict:
+    """Median over ``rounds`` rounds of ``time_ms`` for each ``key: (fn, context)`` of ``timed``;
+    each round times every fn once, in order, inside its context (a callable returning a context
+    manager, or None), so a change of machine load hits every method of a table alike instead of
+    whichever one was timing then (a shared 2-core machine drifts over seconds)."""
+    times = {key: [] for key in timed}
+    for _ in range(rounds):
+        for key, (fn, context) in timed.items():
+            with context() if context is not None else contextlib.nullcontext():
+                times[key].append(time_ms(fn, min_run_time))
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:

@@ -1,7 +1,7 @@
 """Training-step time of whole models: the fused ops against what the released codes do.
 
 One step = forward, cross-entropy on random labels, backward (gradients set to None first; no
-optimizer), timed with ``harness.time_ms`` (median ms). Every method of a case runs the SAME model
+optimizer), timed with ``harness.time_ms`` in interleaved rounds (median ms). Every method of a case runs the SAME model
 object with the SAME weights on the SAME batch; only the attention / elastic-op implementation is
 swapped, by patching the model code's seams for the duration of that method:
 
@@ -191,9 +191,10 @@ def _reason(e: BaseException) -> str:
 
 
 def run_case(model_name: str, case: str, shape: str, methods: list[Method], x, y, device: str,
-             min_run_time: float) -> list[dict]:
-    """Check each method against the first ("ours") on the batch, then time its training step."""
-    rows, ref = [], None
+             min_run_time: float, rounds: int = 3) -> list[dict]:
+    """Check each method against the first ("ours") on the batch, then time the training steps of
+    those that agree in ``rounds`` interleaved rounds (median)."""
+    rows, ref, timed = [], None, {}
     tol = LOSS_TOL.get(x.dtype, 1e-5)
     for m in methods:
         row = {"model": model_name, "case": case, "shape": shape, "method": m.name, "group": f"{model_name} {case}"}
@@ -202,7 +203,7 @@ def run_case(model_name: str, case: str, shape: str, methods: list[Method], x, y
             step = train_step(m.model, x, y)
             with m.context():
                 loss, gnorm = step().item(), _grad_norm(m.model)
-                row["step_ms"] = harness.time_ms(step, min_run_time)
+                timed[len(rows)] = (step, m.context)
                 if device == "cuda":
                     row["peak_mb"] = harness.peak_memory_mb(step, device)
             row.update(loss=loss, grad_norm=gnorm)
@@ -217,7 +218,9 @@ def run_case(model_name: str, case: str, shape: str, methods: list[Method], x, y
         except Exception as e:  # noqa: BLE001 - a method that cannot run is a result, not a crash
             row.update(step_ms="n/a", note=f"n/a: {_reason(e)}", error=repr(e))
         rows.append(row)
-        print(harness.table(rows[-1:], COLUMNS), flush=True)
+    for i, ms in harness.interleaved_ms(timed, rounds, min_run_time).items():
+        rows[i]["step_ms"] = ms
+    print(harness.table(rows, COLUMNS), flush=True)
     base = next((r for r in rows if r["method"] == BASELINE[model_name.split()[0]]), None)
     for r in rows:
         ok = base is not None and isinstance(base.get("step_ms"), float) and isinstance(r.get("step_ms"), float)
@@ -234,7 +237,8 @@ def _batch(batch: int, img: int, num_classes: int, device: str, dtype: torch.dty
 
 # ----------------------------------------------------------------------------------------- As-ViT
 
-def asvit_cases(sizes: dict, device: str, dtype: torch.dtype, backend, min_run_time: float) -> list[dict]:
+def asvit_cases(sizes: dict, device: str, dtype: torch.dtype, backend, min_run_time: float,
+                rounds: int = 3) -> list[dict]:
     rows = []
     cases = [("seed", SEED, None), ("Large", LARGE, sizes["large_hidden"])]
     x, y = _batch(sizes["batch"], sizes["img"], 1000, device, dtype)
@@ -251,7 +255,7 @@ def asvit_cases(sizes: dict, device: str, dtype: torch.dtype, backend, min_run_t
                  f"in {stage1['window'][0]}x{stage1['window'][1]} windows")
         methods = [Method("ours", model), Method("plain", model, as_vit_plain(False)),
                    Method("plain_sdpa", model, as_vit_plain(True))]
-        rows += run_case("As-ViT", case, shape, methods, x, y, device, min_run_time)
+        rows += run_case("As-ViT", case, shape, methods, x, y, device, min_run_time, rounds)
         del model, methods
         gc.collect()
     return rows
@@ -283,7 +287,7 @@ def _describe(cfg: SubnetConfig) -> str:
 
 
 def elastic_cases(sizes: dict, device: str, dtype: torch.dtype, backend, sharings: list[str], patch: int,
-                  private_qk: bool, min_run_time: float) -> list[dict]:
+                  private_qk: bool, min_run_time: float, rounds: int = 3) -> list[dict]:
     rows = []
     space = elastic_space(sizes["elastic_scale"], sizes["elastic_img"])
     if patch not in space.patch_sizes:
@@ -299,7 +303,7 @@ def elastic_cases(sizes: dict, device: str, dtype: torch.dtype, backend, sharing
             methods = [Method("ours", supernet), Method("copy_slicing", supernet, copy_slicing),
                        Method("dense", dense)]
             shape = f"b{sizes['elastic_batch']} {sizes['elastic_img']}px, {_describe(cfg)}"
-            rows += run_case(f"ElasticViT {sharing}", case, shape, methods, x, y, device, min_run_time)
+            rows += run_case(f"ElasticViT {sharing}", case, shape, methods, x, y, device, min_run_time, rounds)
             del dense, methods
         del supernet
         gc.collect()
@@ -333,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--private-qk", action="store_true", help="ViTAS private q/k projections per heads choice")
     ap.add_argument("--backend", default=None, help="backend of the fused ops for ours and dense (default: auto)")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds per case: every method timed once per round, median taken")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
 
@@ -347,10 +353,10 @@ def main(argv=None):
         ap.error(f"unknown models {sorted(unknown)}; choose from asvit, elastic")
     rows = []
     if "asvit" in which:
-        rows += asvit_cases(sizes, device, dtype, args.backend, args.min_run_time)
+        rows += asvit_cases(sizes, device, dtype, args.backend, args.min_run_time, args.rounds)
     if "elastic" in which:
         rows += elastic_cases(sizes, device, dtype, args.backend, args.sharing.split(","), args.patch,
-                              args.private_qk, args.min_run_time)
+                              args.private_qk, args.min_run_time, args.rounds)
 
     info = harness.machine(device)
     info.update(dtype=str(dtype).replace("torch.", ""), backend=args.backend or "auto", **sizes,
@@ -360,7 +366,8 @@ def main(argv=None):
     if not args.no_write:
         large = f"hidden {sizes['large_hidden']}" if sizes["large_hidden"] else "hidden 180"
         notes = (f"Training step = forward + cross-entropy on random labels + backward, no optimizer; "
-                 f"{info['dtype']}, median ms; fused ops backend {info['backend']}. "
+                 f"{info['dtype']}, median ms over {args.rounds} interleaved rounds (every method of a case once per round); "
+                 f"fused ops backend {info['backend']}. "
                  f"As-ViT: batch {sizes['batch']}, {sizes['img']} px, seed and Large-shaped ({large}). "
                  f"ours = varlen window attention as built; plain = released-style window partition by "
                  f"reshape/permute (grid padded to the window side, padded keys masked) with matmul softmax; "
