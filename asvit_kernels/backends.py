@@ -153,6 +153,17 @@ def explain(op: str, device: torch.device, dtype: torch.dtype = torch.float32, *
     return verdicts
 
 
+def requested(backend: Optional[str]) -> tuple[Optional[str], str]:
+    """The backend a call asks for and where that came from: the ``backend`` argument, else the
+    ``ASVIT_BACKEND`` environment variable; None (and "auto") means automatic choice."""
+    if backend not in (None, "auto"):
+        return backend, "backend argument"
+    env = os.environ.get("ASVIT_BACKEND", "").strip().lower()
+    if env and env != "auto":
+        return env, "ASVIT_BACKEND"
+    return None, "backend argument"
+
+
 def pick(op: str, device: torch.device, backend: Optional[str] = None, dtype: torch.dtype = torch.float32,
          limits: Optional[Check] = None, *, head_dim: Optional[int] = None, features=()) -> str:
     """Resolve the backend for one call of ``op`` on ``dtype`` tensors living on ``device``.
@@ -162,13 +173,7 @@ def pick(op: str, device: torch.device, backend: Optional[str] = None, dtype: to
     """
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    source = "backend argument"
-    if backend in (None, "auto"):
-        env = os.environ.get("ASVIT_BACKEND", "").strip().lower()
-        if env and env != "auto":
-            backend, source = env, "ASVIT_BACKEND"
-        else:
-            backend = None
+    backend, source = requested(backend)
     if backend is None:
         if device.type != "cuda":
             return "torch"
