@@ -301,24 +301,23 @@ def _step(starts, length: int):
     return d
 
 
-def _seqs(t: torch.Tensor, starts, length: int, step=False) -> torch.Tensor:
+def _seqs(t: torch.Tensor, starts, length: int, step: Optional[int]) -> torch.Tensor:
     """Rows ``s:s + length`` for each s in ``starts`` of a packed (total, h, D) tensor, as
-    (n, h, length, D): a strided view when the starts are evenly spaced (``step``, their spacing,
-    or None; computed when not given), else a gathered copy."""
+    (n, h, length, D): a strided view when the starts are evenly spaced (``step``, their spacing
+    from ``_step``, the group's ``q_step`` / ``k_step``), else (None) a gathered copy."""
     n, (_, h, D) = len(starts), t.shape
-    d = _step(starts, length) if step is False else step
-    if d is None:
+    if step is None:
         return t.index_select(0, _rows(starts, length, t.device)).view(n, length, h, D).transpose(1, 2)
     st = t.stride()
-    return t.as_strided((n, length, h, D), (d * st[0], st[0], st[1], st[2]),
+    return t.as_strided((n, length, h, D), (step * st[0], st[0], st[1], st[2]),
                         t.storage_offset() + starts[0] * st[0]).transpose(1, 2)
 
 
-def _put(dst: torch.Tensor, starts, length: int, src, step=False) -> None:
-    """Writes (n, h, length, D) ``src`` (or a scalar) into those rows of packed ``dst``."""
-    d = _step(starts, length) if step is False else step
-    if d is not None:
-        view = _seqs(dst, starts, length, d)
+def _put(dst: torch.Tensor, starts, length: int, src, step: Optional[int]) -> None:
+    """Writes (n, h, length, D) ``src`` (or a scalar) into those rows of packed ``dst``; ``step``
+    as ``_seqs``'."""
+    if step is not None:
+        view = _seqs(dst, starts, length, step)
         if isinstance(src, torch.Tensor):
             view.copy_(src)
         else:
