@@ -66,6 +66,17 @@ def _in_block(r: Range, size: int, base: int) -> list[Range]:
     return [(base + o, first), (base, w - first)]
 
 
+def _natural(r: Range, size: int, unit: int = 1) -> Range:
+    """``(0, size)`` for a full-width range ``(o, size)`` with ``o % unit == 0``, else ``r``.
+
+    A full-width cyclic range only rotates the channels. Where every op over a dimension uses the
+    same range and commutes with the rotation (LayerNorm, linear, GELU, residual adds; attention
+    when it moves whole heads: ``unit`` = head dim), running the dimension in natural order
+    computes the same network (up to rounding order) on plain views, with no wrapped gathers."""
+    o, w = r
+    return (0, size) if w == size and o % unit == 0 else r
+
+
 def _channels(param: Tensor, r: Range) -> Tensor:
     """``param[..., idx(r)]`` of a small token parameter ``(1, n, D_max)``: a view when ``r`` does not
     wrap; a wrapping cyclic range concatenates two views (a copy of these small token tensors only,
@@ -317,12 +328,18 @@ class ElasticViT(DropPathRate, nn.Module):
         cfg = self.space.validate(config)
         slots = self._check_slots(slots, cfg.depth)
         r = self.channel_ranges(cfg)
-        self.patch_embed[str(cfg.patch_size)].set_range(None, r.embed)
+        # Full-width cyclic ranges run in natural channel order (``_natural``); forward_features
+        # rotates its output back, so it returns the channels in the config's order. The private
+        # q/k block (2w rows over 2 * qkv_max, q then k) is not a rotation of q and k alone: kept.
+        e = _natural(r.embed, self.max_embed)
+        self.patch_embed[str(cfg.patch_size)].set_range(None, e)
         for l, k in enumerate(slots):
-            self.blocks[k].set_subnet(r.embed, r.qkv[l], cfg.heads[l], r.mlp[l], r.qk[l])
-        self.norm.set_range(r.embed)
-        self.head.set_range(r.embed, None)
+            q = r.qkv[l] if self.private_qk else _natural(r.qkv[l], self.max_qkv, cfg.qkv_dim[l] // cfg.heads[l])
+            self.blocks[k].set_subnet(e, q, cfg.heads[l], _natural(r.mlp[l], self.max_mlp), r.qk[l])
+        self.norm.set_range(e)
+        self.head.set_range(e, None)
         self.config, self.ranges, self.slots = cfg, r, slots
+        self._embed_run = e
         self._spread_drop_path()
         return cfg
 
@@ -341,11 +358,18 @@ class ElasticViT(DropPathRate, nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W)``, H and W multiples of the patch -> normed tokens ``(B, 1 + N, embed_dim)``."""
+        """``(B, C, H, W)``, H and W multiples of the patch -> normed tokens ``(B, 1 + N, embed_dim)``,
+        channel j being the embed range's j-th channel."""
+        t = self._tokens(x)
+        o = self.ranges.embed[0]
+        return t if self._embed_run[0] == o else torch.roll(t, -o, -1)
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """forward_features in the channel order the ops run in (``_embed_run``)."""
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x must be a (B, {self.in_chans}, H, W) tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        cfg, e = self.config, self.ranges.embed
+        cfg, e = self.config, self._embed_run
         p, key = cfg.patch_size, str(cfg.patch_size)
         H, W = x.shape[-2:]
         if H % p or W % p:
@@ -361,7 +385,7 @@ class ElasticViT(DropPathRate, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> logits ``(B, num_classes)`` of the active sub-network."""
-        return self.head(self.forward_features(x)[:, 0])
+        return self.head(self._tokens(x)[:, 0])
 
     # ------------------------------------------------------------------ dense sub-networks
 

@@ -97,6 +97,41 @@ def test_subnet_equals_extracted_vit_and_dense_reference(sharing, private_qk, so
         assert r.embed == (24, 36) and r.qkv[:2] == ((16, 24), (8, 32)) and r.mlp[0] == (80, 96)
 
 
+def test_full_width_cyclic_ranges_run_in_natural_order():
+    """A full-width cyclic range (embed 48 at 12, MLP 96 at 80, q/k/v 32 at 8) is a rotation: the ops
+    get the plain range (0, C) (no wrapped gather), except q/k/v whose offset is not a whole number
+    of heads (2 heads of 16: 8 would split heads) and private q/k; outputs, features (in the
+    config's channel order) and gradients still match the extracted ViT."""
+    for private_qk in (False, True):
+        m = supernet("cyclic", private_qk)
+        cfg = SubnetConfig(8, 48, (2, 4), (32, 32), (96, 96))
+        m.set_subnet(cfg)
+        r = m.channel_ranges(cfg)
+        assert r.embed == (12, 48) and r.qkv == ((8, 32), (8, 32)) and r.mlp == ((80, 96), (80, 96))
+        b0, b1 = m.blocks[0], m.blocks[1]
+        assert b0.norm1.channel_range == (0, 48) and m.head.in_range == (0, 48)
+        assert b1.mlp["fc1"].out_range == ((0, 96),) and b1.mlp["fc2"].in_range == (0, 96)
+        if private_qk:
+            assert b1.attn.v.out_range == ((8, 32),) and b1.attn.proj.in_range == (8, 32)
+        else:
+            assert b0.attn.proj.in_range == (8, 32) and b1.attn.proj.in_range == (0, 32)
+            assert b1.attn.qkv.out_range == ((0, 32), (32, 32), (64, 32))
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        vit = m.extract_subnet(cfg)
+        assert rel_err(m.forward_features(x), vit.forward_features(x)) <= 1e-10
+        assert rel_err(m(x), vit(x)) <= 1e-10 and rel_err(m(x), dense_reference(m, cfg, x)) <= 1e-10
+        m(x).square().sum().backward()
+        vit(x).square().sum().backward()
+        dense = dict(vit.named_parameters())
+        for s in m._slices(cfg):  # each dense gradient is its slice of the supernet's
+            g = s.src.grad
+            for dim, i in enumerate(s.index):
+                if i is not None:
+                    g = g.index_select(dim, i)
+            want = dense[s.name].grad if s.rows is None else dense[s.name].grad[s.rows]
+            assert rel_err(g.reshape(want.shape), want) <= 1e-10, s.name
+
+
 def test_identity_layers_shift_to_the_end():
     m = supernet("cyclic", private_qk=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
