@@ -164,3 +164,68 @@ def test_backward_skips_the_input_check_only_after_a_finite_forward(monkeypatch)
         leaves = [t.clone().requires_grad_() for t in (_plant(q, k, v, "k", float("nan")) if planted else (q, k, v))]
         ak.varlen_attention(*leaves, cu, backend="torch").backward(dy)
     assert seen == [True, False]
+
+
+def _unbound(x: torch.Tensor):
+    """q, k, v as the three strided views of one (T, 3, H, D) qkv tensor, as a qkv projection
+    leaves them: the torch backend then reads their shared base once for its finiteness check."""
+    return x.unbind(1)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_in_views_of_one_qkv_tensor(causal, which, bad):
+    """A NaN/inf in one of q, k, v unbound from one qkv tensor is found by the read of their base:
+    the non-finite rows of out and of the base's gradient are the float64 reference's."""
+    from asvit_kernels.torch_backend import attention as tb
+    lens = [20, 20, 20]
+    cu = ak.cu_seqlens_from_lengths(lens)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(sum(lens), 3, H, D, generator=g, dtype=torch.float64)
+    dy = torch.randn(sum(lens), H, D, generator=g, dtype=torch.float64)
+    base[25, which, 1, 3] = bad
+    assert [tuple(t.shape) for t in tb._to_read(_unbound(base.float()))] == [tuple(base.shape)]
+    got, want = [], []
+    for fn, dtype in ((lambda *t: ak.varlen_attention(*t, cu, causal=causal, backend="torch"), torch.float32),
+                      (lambda *t: reference.varlen_attention(*t, cu, causal=causal), torch.float64)):
+        leaf = base.to(dtype).clone().requires_grad_()
+        out = fn(*_unbound(leaf))
+        out.backward(dy.to(dtype))
+        (got if dtype == torch.float32 else want).append((out.detach(), leaf.grad))
+    (out, grad), (out_ref, grad_ref) = got[0], want[0]
+    assert _bad_rows(out_ref).any(), "the planted value reaches no output row: the test would prove nothing"
+    assert torch.equal(_bad_rows(out), _bad_rows(out_ref))
+    assert torch.equal(~torch.isfinite(grad), ~torch.isfinite(grad_ref))
+    fine = torch.isfinite(out_ref)
+    assert torch.allclose(out[fine].double(), out_ref[fine], rtol=1e-5, atol=1e-5)
+
+
+def test_views_of_a_wider_base_are_read_themselves():
+    """A NaN in a part of the base that q, k, v do not address changes nothing: a base larger than
+    the views together is not read (and were it read, the exact path would give the same rows)."""
+    from asvit_kernels.torch_backend import attention as tb
+    lens = [20, 20]
+    cu = ak.cu_seqlens_from_lengths(lens)
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(sum(lens), 4, H, D, generator=g)
+    q, k, v, spare = wide.unbind(1)
+    assert [t.shape for t in tb._to_read((q, k, v))] == [q.shape] * 3
+    clean = ak.varlen_attention(q, k, v, cu, backend="torch")
+    wide[:, 3] = float("nan")
+    out = ak.varlen_attention(q, k, v, cu, backend="torch")
+    assert torch.equal(out, clean)
+    want = reference.varlen_attention(q.double(), k.double(), v.double(), cu)
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-6)
+    # q and k the same view: the three cover the base's size but not part 2, so a NaN there
+    # says "not finite" (the base is read) and costs only the exact path; the rows stay exact.
+    base = torch.randn(sum(lens), 3, H, D, generator=g)
+    q, v = base[:, 0], base[:, 1]
+    assert [t.shape for t in tb._to_read((q, q, v))] == [base.shape]
+    clean = ak.varlen_attention(q, q, v, cu, backend="torch")
+    base[:, 2] = float("nan")
+    out = ak.varlen_attention(q, q, v, cu, backend="torch")
+    assert torch.isfinite(out).all()
+    want = reference.varlen_attention(q.double(), q.double(), v.double(), cu)
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, clean, rtol=1e-5, atol=1e-6)

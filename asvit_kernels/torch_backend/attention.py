@@ -338,8 +338,38 @@ def _lse_rows(lse: torch.Tensor) -> torch.Tensor:
 def _finite(*ts: torch.Tensor) -> bool:
     """True only if every element is finite: a sum over a NaN or an inf is never finite (a finite
     sum that overflows says False, which costs only the exact path; so does inf + -inf = NaN in
-    the Python sum). One pass over each tensor; on a CPU reading the scalars back costs nothing."""
-    return math.isfinite(sum(t.sum(dtype=_acc_dtype(t.dtype)).item() for t in ts if t.numel()))
+    the Python sum). One pass over each tensor (``_to_read``); on a CPU reading the scalars back
+    costs nothing."""
+    return math.isfinite(sum(t.sum(dtype=_acc_dtype(t.dtype)).item() for t in _to_read(ts) if t.numel()))
+
+
+def _to_read(ts) -> list:
+    """Tensors whose elements include every element of ``ts``: views of one contiguous base that
+    holds no more elements than they do together (q, k, v unbound from one qkv projection) are
+    read as that base, once; a CPU sum over such a strided view runs ~3x slower per element than
+    over contiguous memory. Anything else is read as it is."""
+    out, shared = [], {}
+    for t in ts:
+        b = t._base
+        if b is not None and _inside(t, b):
+            shared.setdefault(id(b), (b, []))[1].append(t)
+        else:
+            out.append(t)
+    for b, views in shared.values():
+        if b.numel() <= sum(t.numel() for t in views):
+            out.append(b)
+        else:
+            out.extend(views)
+    return out
+
+
+def _inside(t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Every element ``t`` addresses lies in contiguous ``base``'s own span of the storage."""
+    if not base.is_contiguous() or base.dtype != t.dtype or t.numel() == 0 or min(t.stride(), default=0) < 0:
+        return False
+    first = t.storage_offset()
+    last = first + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return base.storage_offset() <= first and last < base.storage_offset() + base.numel()
 
 
 def _use_flash(t: torch.Tensor) -> bool:
