@@ -1,5 +1,6 @@
 """Every backend of the elastic ops against the float64 reference: random shapes, random ranges of
 every kind (full, first-k, last-k, wrapped, width 1), forward and all gradients."""
+import math
 import random
 import zlib
 
@@ -302,10 +303,9 @@ def test_layer_norm_non_finite_rows_stay_in_their_rows():
 
 @pytest.mark.parametrize("composite_max", [0, 10 ** 9])
 def test_torch_linear_single_run_paths(composite_max, monkeypatch, poison):
-    """Single-run ranges: F.linear on views (small weights or blocks) and _RunLinear, whose
-    backward writes each weight-gradient block once (large ones)."""
+    """Single-run ranges: F.linear on a strided view of the block (small blocks) and _RunLinear,
+    whose backward writes each weight-gradient block once (large ones)."""
     from asvit_kernels.ops import elastic as ops_elastic
-    monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_WEIGHT", composite_max)
     monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_BLOCK", composite_max)
     for n, (in_r, out_r) in enumerate([((0, 30), (0, 60)), ((120, 30), (84, 60)), (None, (10, 1))]):
         for dtype in (torch.float32, torch.float64):
@@ -324,6 +324,55 @@ def test_lean_cpu_path_keeps_the_backend_rule(monkeypatch):
     for env in ("torch", " Auto "):
         monkeypatch.setenv("ASVIT_BACKEND", env)
         torch.testing.assert_close(ak.elastic_linear(x, w, b, None, (1, 3)), x @ w[1:4].t() + b[1:4])
+
+
+def _strided_leaf(shape, layout, dtype):
+    """A leaf of ``shape`` laid out as asked: "transposed" (column-major) or "offset" (a view into
+    a larger buffer that does not start at its storage's beginning)."""
+    if layout == "transposed":
+        return torch.randn(*reversed(shape), dtype=dtype).t().detach().requires_grad_()
+    big = torch.randn(3 + math.prod(shape) + 5, dtype=dtype)
+    return big[3:3 + math.prod(shape)].view(shape).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spaced_out_runs_one_strided_matmul(dtype, has_bias, poison):
+    """q, k and v row blocks of one length at one spacing (a qkv projection's non-wrapping range)
+    x one column run: one strided view, one dense matmul, differentiated by C++ autograd (no
+    Python Function in the graph); equal to the reference in forward and every gradient. Unequal
+    lengths, uneven spacing and wrapping runs go the general way and agree too."""
+    for n, out_r in enumerate([[(0, 16), (48, 16), (96, 16)], [(5, 10), (53, 10), (101, 10)], [(7, 9), (40, 9)],
+                               [(0, 16), (48, 15)], [(0, 8), (20, 8), (60, 8)], [(140, 8), (10, 4)]]):
+        for in_r in [(0, 20), (9, 30)]:
+            run_linear("cpu", "torch", dtype, 144, 40, in_r, out_r, (3, 7), has_bias, 10 * n)
+    x = torch.randn(6, 20, dtype=dtype)
+    w = torch.randn(144, 40, dtype=dtype, requires_grad=True)
+    y = ak.elastic_linear(x, w, None, (0, 20), [(0, 16), (48, 16), (96, 16)])
+    assert "Eager" not in type(y.grad_fn).__name__
+    y = ak.elastic_linear(x, w, None, (0, 20), [(0, 16), (48, 15)])
+    assert "Eager" in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("layout", ["transposed", "offset"])
+def test_strided_views_follow_the_parameters_layout(layout, monkeypatch, poison):
+    """The strided views are built from the parameter's own strides and storage offset: a
+    column-major weight or a weight viewed into a larger buffer (a flat-parameter layout) gives
+    the reference's forward and gradients, single runs and spaced runs alike."""
+    from asvit_kernels.ops import elastic as ops_elastic
+    monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_BLOCK", 10 ** 9)
+    for out_r in [(10, 30), [(0, 16), (48, 16), (96, 16)]]:
+        w = _strided_leaf((144, 40), layout, torch.float64)
+        b = _strided_leaf((144,), "offset", torch.float64)
+        x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
+        y = ak.elastic_linear(x, w, b, (7, 20), out_r)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        wr, br, xr = (t.detach().clone().contiguous().requires_grad_() for t in (w, b, x))
+        reference.elastic_linear(xr, wr, br, (7, 20), out_r).backward(dy)
+        for got, want in ((y, reference.elastic_linear(xr, wr, br, (7, 20), out_r)), (x.grad, xr.grad),
+                          (w.grad, wr.grad), (b.grad, br.grad)):
+            assert rel_err(got, want) <= 1e-12
 
 
 def test_adjacent_out_ranges_are_one_run(poison):

@@ -234,12 +234,24 @@ class _RunLinear(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
-# F.linear on views when the weight has at most _COMPOSITE_MAX_WEIGHT entries (0.5 MB in fp32) or
-# the used block at most _COMPOSITE_MAX_BLOCK: its extra weight-gradient traffic (zeroing the block,
-# then the block's gradient written, read and copied in) is then below _RunLinear's Python cost.
-# ElasticViT's smallest sub-network (blocks of 72 x 19 in 720 x 192 weights) ran ~7% faster so.
-_COMPOSITE_MAX_WEIGHT = 2 ** 17
-_COMPOSITE_MAX_BLOCK = 2 ** 15
+# F.linear on one strided view of the used block when it has at most _COMPOSITE_MAX_BLOCK entries:
+# C++ autograd differentiates it (no Python in the backward), and the view's one AsStridedBackward
+# zeroes the full-size weight gradient and copies the block in (two slices would do that twice,
+# once at full size). Larger blocks go to _RunLinear, whose backward writes the block once by its
+# matmul: the block's zero-and-copy traffic then outweighs its Python cost. ElasticViT middle fc1
+# (400 x 96 -> 360 of a 720 x 192 weight, 1 thread, thread CPU time, interleaved): views 644 us,
+# strided view 625, _RunLinear 647; a (1576 x 288 -> 1152 of 1536 x 384) block: 21.8 vs 21.2 ms.
+_COMPOSITE_MAX_BLOCK = 2 ** 17
+
+
+def _block(t: Tensor, sizes, strides, offset: int) -> Tensor:
+    """``t.as_strided`` with ``strides`` in units of ``t``'s own strides (``offset`` too), so the
+    view is exactly the slicing it stands for, whatever ``t``'s layout."""
+    st = t.stride()
+    if len(st) == 1:
+        return t.as_strided(sizes, [a * st[0] for a in strides], t.storage_offset() + offset * st[0])
+    return t.as_strided(sizes, [a * st[0] + b * st[1] for a, b in strides],
+                        t.storage_offset() + offset[0] * st[0] + offset[1] * st[1])
 
 
 def _run_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], i: int, k: int, o: int, n: int) -> Tensor:
@@ -247,11 +259,24 @@ def _run_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], i: int, k: in
     C_out, C_in = weight.shape
     if k == C_in and n == C_out:
         return F.linear(x, weight, bias)
-    if weight.numel() <= _COMPOSITE_MAX_WEIGHT or n * k <= _COMPOSITE_MAX_BLOCK:
-        # Dense F.linear on views, differentiated by C++ autograd (as cheap per call as nn.Linear);
-        # its weight gradient reaches the full-size buffer through two slice backwards (zero + copy).
-        return F.linear(x, weight[o:o + n, i:i + k], None if bias is None else bias[o:o + n])
+    if n * k <= _COMPOSITE_MAX_BLOCK:
+        return F.linear(x, _block(weight, (n, k), ((1, 0), (0, 1)), (o, i)),
+                        None if bias is None else _block(bias, (n,), (1,), o))
     return _RunLinear.apply(x, weight, bias, i, k, o, n)
+
+
+def _spaced_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], i: int, k: int, runs) -> Optional[Tensor]:
+    """Output runs of one length at one spacing (a qkv weight's q, k and v blocks of one range that
+    does not wrap) x one column run: the block is one strided (runs, n, k) view of the weight, copied
+    into a (runs * n, k) matrix by ``reshape`` for ONE dense matmul; C++ autograd carries its
+    gradient back (one zero-fill and one strided copy, no Python). None when the runs are not so."""
+    n, first = runs[0].length, runs[0].src
+    step = runs[1].src - first
+    if step <= n or any(r.length != n or r.src != first + j * step for j, r in enumerate(runs)):
+        return None
+    w = _block(weight, (len(runs), n, k), ((step, 0), (1, 0), (0, 1)), (first, i)).reshape(-1, k)
+    b = None if bias is None else _block(bias, (len(runs), n), (step, 1), first).reshape(-1)
+    return F.linear(x, w, b)
 
 
 def _linear_lean(x, weight, bias, in_range, out_range, backend) -> Optional[Tensor]:
@@ -267,9 +292,13 @@ def _linear_lean(x, weight, bias, in_range, out_range, backend) -> Optional[Tens
     out_r = normalize_ranges(out_range, C_out, "out_range")
     if x.shape[-1:] != in_r[1:]:
         return None
-    (i, *more_in), (o, *more_out) = pieces(in_r, C_in), concat_pieces(out_r, C_out)
-    if not more_in and not more_out:  # e.g. a full-width qkv's q, k and v blocks: one run
-        return _run_linear(x, weight, bias, i.src, i.length, o.src, o.length)
+    (i, *more_in), out_runs = pieces(in_r, C_in), concat_pieces(out_r, C_out)
+    if not more_in and len(out_runs) == 1:  # e.g. a full-width qkv's q, k and v blocks: one run
+        return _run_linear(x, weight, bias, i.src, i.length, out_runs[0].src, out_runs[0].length)
+    if not more_in:
+        y = _spaced_linear(x, weight, bias, i.src, i.length, out_runs)
+        if y is not None:
+            return y
     return _EagerLinear.apply(x, weight, bias, (in_r,), out_r, "torch")
 
 
