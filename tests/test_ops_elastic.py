@@ -331,6 +331,8 @@ def _strided_leaf(shape, layout, dtype):
     a larger buffer that does not start at its storage's beginning)."""
     if layout == "transposed":
         return torch.randn(*reversed(shape), dtype=dtype).t().detach().requires_grad_()
+    if layout == "expanded":  # every row the same memory
+        return torch.randn(1, *shape[1:], dtype=dtype).expand(shape).detach().requires_grad_()
     big = torch.randn(3 + math.prod(shape) + 5, dtype=dtype)
     return big[3:3 + math.prod(shape)].view(shape).detach().requires_grad_()
 
@@ -354,11 +356,12 @@ def test_spaced_out_runs_one_strided_matmul(dtype, has_bias, poison):
     assert "Eager" in type(y.grad_fn).__name__
 
 
-@pytest.mark.parametrize("layout", ["transposed", "offset"])
+@pytest.mark.parametrize("layout", ["transposed", "offset", "expanded"])
 def test_strided_views_follow_the_parameters_layout(layout, monkeypatch, poison):
     """The strided views are built from the parameter's own strides and storage offset: a
     column-major weight or a weight viewed into a larger buffer (a flat-parameter layout) gives
-    the reference's forward and gradients, single runs and spaced runs alike."""
+    the reference's forward and gradients, single runs and spaced runs alike. A weight whose rows
+    share memory (expanded) takes slices instead: as_strided would sum their gradients."""
     from asvit_kernels.ops import elastic as ops_elastic
     monkeypatch.setattr(ops_elastic, "_COMPOSITE_MAX_BLOCK", 10 ** 9)
     for out_r in [(10, 30), [(0, 16), (48, 16), (96, 16)]]:

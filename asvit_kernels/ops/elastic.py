@@ -244,6 +244,14 @@ class _RunLinear(torch.autograd.Function):
 _COMPOSITE_MAX_BLOCK = 2 ** 17
 
 
+def _viewable(weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``_block`` views of these parameters differentiate like slices: every element its own
+    memory (row- or column-major weight, contiguous bias). as_strided's backward sums the gradient
+    of elements sharing memory (an expanded, stride-0 leaf), where a slice keeps them apart."""
+    return ((weight.is_contiguous() or weight.t().is_contiguous())
+            and (bias is None or bias.is_contiguous()))
+
+
 def _block(t: Tensor, sizes, strides, offset: int) -> Tensor:
     """``t.as_strided`` with ``strides`` in units of ``t``'s own strides (``offset`` too), so the
     view is exactly the slicing it stands for, whatever ``t``'s layout."""
@@ -260,8 +268,10 @@ def _run_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], i: int, k: in
     if k == C_in and n == C_out:
         return F.linear(x, weight, bias)
     if n * k <= _COMPOSITE_MAX_BLOCK:
-        return F.linear(x, _block(weight, (n, k), ((1, 0), (0, 1)), (o, i)),
-                        None if bias is None else _block(bias, (n,), (1,), o))
+        if _viewable(weight, bias):
+            return F.linear(x, _block(weight, (n, k), ((1, 0), (0, 1)), (o, i)),
+                            None if bias is None else _block(bias, (n,), (1,), o))
+        return F.linear(x, weight[o:o + n, i:i + k], None if bias is None else bias[o:o + n])
     return _RunLinear.apply(x, weight, bias, i, k, o, n)
 
 
@@ -272,7 +282,8 @@ def _spaced_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], i: int, k:
     gradient back (one zero-fill and one strided copy, no Python). None when the runs are not so."""
     n, first = runs[0].length, runs[0].src
     step = runs[1].src - first
-    if step <= n or any(r.length != n or r.src != first + j * step for j, r in enumerate(runs)):
+    if (step <= n or any(r.length != n or r.src != first + j * step for j, r in enumerate(runs))
+            or not _viewable(weight, bias)):
         return None
     w = _block(weight, (len(runs), n, k), ((step, 0), (1, 0), (0, 1)), (first, i)).reshape(-1, k)
     b = None if bias is None else _block(bias, (len(runs), n), (step, 1), first).reshape(-1)
