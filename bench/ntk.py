@@ -21,8 +21,10 @@ and L^E = sum_n || J_f(x_n) t_n || on 10 points of asvit_kernels.circle_curve th
 asvit_kernels.reference.length_distortion_loop (one backward per output feature).
 
 Every method's value is first checked against the loop (kappa and the NTK matrices themselves;
-L^E); then each is timed (median ms) and its peak memory measured: on CPU as the peak resident set
-over the one before the call, each measurement in a fresh process (harness.run_isolated); on CUDA
+L^E); then the methods of a row are timed in ``--rounds`` interleaved rounds (each round times
+every method once, in turn; median ms over the rounds), so load drift on a shared machine hits them
+alike, and each one's peak memory is measured: on CPU as the peak resident set over the one before
+the call, each measurement in a fresh process (harness.run_isolated); on CUDA
 with torch.cuda.max_memory_allocated.
 
     python bench/ntk.py                  # CPU: --small, fp32
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -241,10 +244,30 @@ def child(spec: dict, args) -> None:
     print(json.dumps({"peak_mem_MB": harness.peak_memory_mb(fn, args.device)}))
 
 
-def finish_row(row: dict, fn: Callable[[], object], spec: dict, args, argv: list[str]) -> dict:
-    row["ms"] = harness.time_ms(fn, args.min_run_time)
-    row["peak_mem_MB"] = measure_memory(spec, args, argv)
-    return row
+def time_and_measure(rows: list[dict], timed: dict, specs: dict, args, argv: list[str]) -> None:
+    """Time the row's methods that passed their check in ``args.rounds`` interleaved rounds (each
+    round times every method once, in turn, with harness.time_ms; median over the rounds, as
+    harness.interleaved_ms), so load drift on a shared machine hits every method of the row alike;
+    then each one's peak memory, in a fresh process per measurement. A method whose timing fails
+    is marked n/a and dropped from the later rounds; the others go on."""
+    times: dict[str, list[float]] = {m: [] for m in timed}
+    failed: dict[str, BaseException] = {}
+    for _ in range(args.rounds):
+        for method, fn in timed.items():
+            if method in failed:
+                continue
+            try:
+                times[method].append(harness.time_ms(fn, args.min_run_time))
+            except Exception as e:  # noqa: BLE001 - a method that cannot run is a result, not a crash
+                failed[method] = e
+    for row in rows:
+        method = row["method"]
+        if method in failed:
+            e = failed[method]
+            row.update(ms="n/a", note=f"n/a: {_reason(e)}", error=repr(e))
+        elif method in timed:
+            row["ms"] = statistics.median(times[method])
+            row["peak_mem_MB"] = measure_memory(specs[method], args, argv)
 
 
 def bench_kappa(name: str, cfg: dict, B: int, args, argv: list[str]) -> list[dict]:
@@ -252,9 +275,10 @@ def bench_kappa(name: str, cfg: dict, B: int, args, argv: list[str]) -> list[dic
     models = build_models(cfg, args.repeats, device, dtype)
     x = make_input(cfg, B, device, dtype)
     base = {"model": model_label(name, cfg), "metric": f"kappa (mean of {args.repeats})", "B": B}
-    methods = kappa_methods()
+    methods = {m: v for m, v in kappa_methods().items() if m in args.methods}
     ref_kappa = ref_K = None
-    loop_value, loop_ntk, why = methods["loop"]
+    timed, specs = {}, {}
+    loop_value, loop_ntk, why = methods.get("loop", (None, None, ""))
     if loop_value is not None:  # the loop's NTKs give its kappa directly: one pass for the check
         ref_K = loop_ntk(models, x)
         ref_kappa = sum(kappa_of(K) for K in ref_K) / len(ref_K)
@@ -281,24 +305,27 @@ def bench_kappa(name: str, cfg: dict, B: int, args, argv: list[str]) -> list[dic
                     K = K.reshape(ref_K.shape).to(ref_K)
                     row["ntk_rel_diff"] = f"{max(((a - b).norm() / b.norm()).item() for a, b in zip(K, ref_K)):.1e}"
                 row["agrees"] = "ref" if method == "loop" else ("yes" if rel <= KAPPA_TOL[dtype] else "no")
-            finish_row(row, lambda f=value_fn: f(models, x), spec, args, argv)
+            timed[method], specs[method] = (lambda f=value_fn: f(models, x)), spec
         except Exception as e:  # noqa: BLE001 - a method that cannot run is a result, not a crash
             row.update(ms="n/a", note=f"n/a: {_reason(e)}", error=repr(e))
         rows.append(row)
-        print(harness.table(rows[-1:], COLUMNS), flush=True)
-    return _speedups(rows)
+    time_and_measure(rows, timed, specs, args, argv)
+    print(harness.table(_speedups(rows), COLUMNS), flush=True)
+    return rows
 
 
 def bench_le(cfg: dict, args, argv: list[str]) -> list[dict]:
     dtype, device = getattr(torch, args.dtype), args.device
     model = build_models(cfg, 1, device, dtype)[0]
     base = {"model": model_label("proxy", cfg), "metric": f"L^E ({cfg['num_classes']} outputs)", "B": LE_POINTS}
-    rows, ref = [], None
+    rows, ref, timed, specs = [], None, {}, {}
     try:
         pts, tans = circle_points(cfg, device, dtype)
     except Exception as e:  # noqa: BLE001
-        return [{**base, "method": m, "ms": "n/a", "note": f"n/a: {_reason(e)}"} for m in le_methods()]
-    for method, (fn, why) in sorted(le_methods().items(), key=lambda kv: kv[0] != "loop"):  # loop first
+        return [{**base, "method": m, "ms": "n/a", "note": f"n/a: {_reason(e)}"} for m in le_methods()
+                if m in args.methods]
+    chosen = [(m, v) for m, v in le_methods().items() if m in args.methods]
+    for method, (fn, why) in sorted(chosen, key=lambda kv: kv[0] != "loop"):  # loop first
         row = {**base, "method": method}
         spec = {"metric": "le", "model": "proxy", "B": LE_POINTS, "method": method}
         try:
@@ -315,12 +342,13 @@ def bench_le(cfg: dict, args, argv: list[str]) -> list[dict]:
                 rel = _rel(row["value"], ref)
                 row["rel_diff"] = f"{rel:.1e}"
                 row["agrees"] = "yes" if rel <= LE_TOL[dtype] else "no"
-            finish_row(row, lambda f=fn: f(model, pts, tans), spec, args, argv)
+            timed[method], specs[method] = (lambda f=fn: f(model, pts, tans)), spec
         except Exception as e:  # noqa: BLE001
             row.update(ms="n/a", note=f"n/a: {_reason(e)}", error=repr(e))
         rows.append(row)
-        print(harness.table(rows[-1:], COLUMNS), flush=True)
-    return _speedups(rows)
+    time_and_measure(rows, timed, specs, args, argv)
+    print(harness.table(_speedups(rows), COLUMNS), flush=True)
+    return rows
 
 
 def _speedups(rows: list[dict]) -> list[dict]:
@@ -350,12 +378,22 @@ def main(argv=None):
     ap.add_argument("--vit-img", type=int, default=None, help="vit-s input side (default 224, --small 96)")
     ap.add_argument("--cases", default="proxy,vit-s,le", help="comma list of proxy, vit-s, le")
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds per row: every method of the row timed once per round, median taken")
+    ap.add_argument("--methods", default="ours,loop,vmap_jacrev",
+                    help="comma list of the methods to run (L^E has ours and loop); without loop there is "
+                         "no reference to check against nor speedup_vs_loop")
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.small is None:
         args.small = not args.device.startswith("cuda")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    args.methods = args.methods.split(",")
+    if unknown := set(args.methods) - {"ours", "loop", "vmap_jacrev"}:
+        ap.error(f"unknown methods {sorted(unknown)}")
     if args._child is not None:
         return child(json.loads(args._child), args)
 
@@ -395,7 +433,7 @@ def main(argv=None):
     info = harness.machine(args.device)
     proxy_w = n_weights(ViT(**cfgs["proxy"]))
     vit_w = n_weights(ViT(**cfgs["vit-s"]))
-    info.update(dtype=args.dtype, repeats=args.repeats, small=args.small, models=cfgs,
+    info.update(dtype=args.dtype, repeats=args.repeats, rounds=args.rounds, small=args.small, models=cfgs,
                 weights_selected={"proxy": proxy_w, "vit-s": vit_w}, wall_s=round(elapsed, 1),
                 loadavg_before=load_before, loadavg_after=[round(v, 2) for v in os.getloadavg()],
                 memory=("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
@@ -413,7 +451,10 @@ def main(argv=None):
                  f"{args.repeats} fresh initialisations; ms times all of them. proxy: overlapping conv patch embed "
                  f"k7 s4 on {cfgs['proxy']['img']}px, embed 96, 3 heads, depth {cfgs['proxy']['depth']}, 256 outputs; "
                  f"vit-s: patch 16, embed 384, 6 heads, depth {cfgs['vit-s']['depth']}, {cfgs['vit-s']['img']}px, "
-                 f"1000 outputs. L^E: {LE_POINTS} circle_curve points through proxy model 0. Median ms; "
+                 f"1000 outputs. L^E: {LE_POINTS} circle_curve points through proxy model 0. ms: median over "
+                 f"{args.rounds} interleaved rounds (each round times every method of the row once, in turn: "
+                 f"torch.utils.benchmark blocked_autorange median over {args.min_run_time:g} s after a warm-up "
+                 f"call), so the methods of a row share the machine's load; "
                  f"speedup_vs_loop = loop ms / method ms. rel_diff: |value - loop value| / |loop value| "
                  f"(agrees: <= {KAPPA_TOL[dtype]:g} for kappa, {LE_TOL[dtype]:g} for L^E); ntk_rel_diff: max over "
                  f"models of ||K - K_loop||_F / ||K_loop||_F. peak_mem_MB: {mem}. vmap_jacrev contracts each "

@@ -62,3 +62,31 @@ def test_length_distortion(name, le_case, measure):
     assert ntk._rel(got, ref) <= 10 * ntk.LE_TOL[torch.float32], f"{name}: L^E {got} vs loop {ref}"
     measure(f"ntk L^E: {ntk.model_label('proxy', cfg)}, {pts.shape[0]} points, {cfg['num_classes']} outputs",
             lambda: value(model, pts, tans), method=name)
+
+
+def test_methods_of_a_row_are_timed_interleaved(monkeypatch):
+    """Every round times each method once, in turn; ms is the median over the rounds; a method whose
+    timing fails is n/a and left out of the later rounds while the others go on."""
+    calls, seq = [], {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+
+    def fake_time(fn, min_run_time):
+        return fn()
+
+    def timed_fn(name):
+        def fn():
+            calls.append(name)
+            if name == "bad":
+                raise RuntimeError("out of memory\nmore")
+            return next(seq[name])
+        return fn
+
+    monkeypatch.setattr(ntk.harness, "time_ms", fake_time)
+    monkeypatch.setattr(ntk, "measure_memory", lambda spec, args, argv: "off")
+    args = type("Args", (), {"rounds": 3, "min_run_time": 0.0})()
+    rows = [{"method": m} for m in ("a", "bad", "b", "skipped")]
+    ntk.time_and_measure(rows, {m: timed_fn(m) for m in ("a", "bad", "b")}, {m: {} for m in "ab"} | {"bad": {}},
+                         args, [])
+    assert calls == ["a", "bad", "b", "a", "b", "a", "b"]
+    assert [r.get("ms") for r in rows] == [3.0, "n/a", 4.0, None]
+    assert rows[1]["note"] == "n/a: RuntimeError: out of memory"
+    assert rows[0]["peak_mem_MB"] == "off" and "peak_mem_MB" not in rows[1]
