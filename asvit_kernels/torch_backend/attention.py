@@ -265,7 +265,8 @@ class _Group(NamedTuple):
 
 def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> tuple:
     """``_plan_of`` the offsets: one host read of each (the plan is cached on their values)."""
-    return _plan_of(tuple(cu_q.tolist()), tuple(cu_k.tolist()), causal)
+    offsets = tuple(cu_q.tolist())
+    return _plan_of(offsets, offsets if cu_k is cu_q else tuple(cu_k.tolist()), causal)
 
 
 @functools.lru_cache(maxsize=256)
@@ -308,9 +309,8 @@ def _seqs(t: torch.Tensor, starts, length: int, step: Optional[int]) -> torch.Te
     n, (_, h, D) = len(starts), t.shape
     if step is None:
         return t.index_select(0, _rows(starts, length, t.device)).view(n, length, h, D).transpose(1, 2)
-    st = t.stride()
-    return t.as_strided((n, length, h, D), (step * st[0], st[0], st[1], st[2]),
-                        t.storage_offset() + starts[0] * st[0]).transpose(1, 2)
+    st = t.stride()  # one as_strided, not a view and a transpose: each op costs µs per call
+    return t.as_strided((n, h, length, D), (step * st[0], st[1], st[0], st[2]), t.storage_offset() + starts[0] * st[0])
 
 
 def _put(dst: torch.Tensor, starts, length: int, src, step: Optional[int]) -> None:
@@ -330,6 +330,35 @@ def _put(dst: torch.Tensor, starts, length: int, src, step: Optional[int]) -> No
         dst.index_fill_(0, rows, src)
 
 
+def _packed(o: torch.Tensor, shape) -> torch.Tensor:
+    """The kernel's (n, H, L, D) result as packed (n * L, H, D): a view when it is laid out as
+    (n, L, H, D), as the CPU kernel writes it (checked, not assumed), else a copy."""
+    n, H, L, D = o.shape
+    if o.stride() == (L * H * D, D, H * D, 1):
+        return o.as_strided(shape, (H * D, D, 1))
+    return o.transpose(1, 2).reshape(shape)
+
+
+def _packed_lse(m: torch.Tensor) -> torch.Tensor:
+    """The kernel's (n, H, L) lse as (H, n * L), a view when laid out as (n, L, H) (as written)."""
+    n, H, L = m.shape
+    if m.stride() == (L * H, 1, H):
+        return m.as_strided((H, n * L), (1, H))
+    return m.transpose(0, 1).reshape(H, -1)
+
+
+def _lse_seqs(lse: torch.Tensor, starts, length: int, step: Optional[int]) -> torch.Tensor:
+    """The (n, H, length) lse of those rows, from (H, total) ``lse`` in the accumulation dtype (a
+    view when the starts are evenly spaced)."""
+    if lse.dtype not in (torch.float32, torch.float64):
+        lse = lse.float()
+    if step is None:
+        return _seqs(_lse_rows(lse), starts, length, None).squeeze(-1)
+    st = lse.stride()
+    return lse.as_strided((len(starts), lse.shape[0], length), (step * st[1], st[0], st[1]),
+                          lse.storage_offset() + starts[0] * st[1])
+
+
 def _lse_rows(lse: torch.Tensor) -> torch.Tensor:
     """(H, total) lse as a packed (total, H, 1) view, for ``_seqs`` / ``_put``."""
     return lse.transpose(0, 1).unsqueeze(-1)
@@ -343,33 +372,40 @@ def _finite(*ts: torch.Tensor) -> bool:
     return math.isfinite(sum(t.sum(dtype=_acc_dtype(t.dtype)).item() for t in _to_read(ts) if t.numel()))
 
 
-def _to_read(ts) -> list:
+def _to_read(ts) -> tuple:
     """Tensors whose elements include every element of ``ts``: views of one contiguous base that
     holds no more elements than they do together (q, k, v unbound from one qkv projection) are
     read as that base, once; a CPU sum over such a strided view runs ~3x slower per element than
-    over contiguous memory. Anything else is read as it is."""
-    out, shared = [], {}
+    over contiguous memory. Otherwise ``ts`` itself."""
+    base = ts[0]._base
+    if base is None or len(ts) < 2 or not base.is_contiguous():
+        return ts
+    total = 0
     for t in ts:
-        b = t._base
-        if b is not None and _inside(t, b):
-            shared.setdefault(id(b), (b, []))[1].append(t)
-        else:
-            out.append(t)
-    for b, views in shared.values():
-        if b.numel() <= sum(t.numel() for t in views):
-            out.append(b)
-        else:
-            out.extend(views)
-    return out
+        if t._base is not base or t.dtype != base.dtype:
+            return ts
+        total += t.numel()
+    if base.numel() > total:
+        return ts
+    lo = base.storage_offset()
+    hi = lo + base.numel()
+    for t in ts:  # every element a view addresses lies in the base's own span of the storage
+        first = last = t.storage_offset()
+        for size, stride in zip(t.shape, t.stride()):
+            if stride < 0:
+                return ts
+            last += (size - 1) * stride
+        if first < lo or last >= hi:
+            return ts
+    return (base,)
 
 
-def _inside(t: torch.Tensor, base: torch.Tensor) -> bool:
-    """Every element ``t`` addresses lies in contiguous ``base``'s own span of the storage."""
-    if not base.is_contiguous() or base.dtype != t.dtype or t.numel() == 0 or min(t.stride(), default=0) < 0:
-        return False
-    first = t.storage_offset()
-    last = first + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return base.storage_offset() <= first and last < base.storage_offset() + base.numel()
+def _inputs_finite(q, k, v) -> bool:
+    """``_finite`` of q, k and v, reading a base they share (one qkv projection) or that k and v
+    share (a separate kv projection) once."""
+    if q._base is not None and q._base is k._base:
+        return _finite(q, k, v)
+    return _finite(q) and _finite(k, v)
 
 
 def _use_flash(t: torch.Tensor) -> bool:
@@ -426,7 +462,7 @@ def varlen_forward_checked(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, caus
     plan = _plan(cu_q, cu_k, causal)
     flash = _use_flash(q) and (features is None or features.window_only)
     window = None if features is None else features.window
-    clean = flash and _finite(q, k, v)
+    clean = flash and _inputs_finite(q, k, v)
     if len(plan) == 1:   # one group holds every row: the kernel's (n, L, H, D) output is `out`
         out = lse = None
     else:
@@ -449,7 +485,7 @@ def varlen_forward_checked(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, caus
                 is_causal, mask = args
                 o, m = _FLASH(qb, kb, vb, 0.0, is_causal, attn_mask=mask, scale=scale)
                 if out is None:
-                    return o.transpose(1, 2).reshape(q.shape), m.transpose(0, 1).reshape(H, -1), clean
+                    return _packed(o, q.shape), _packed_lse(m), clean
                 _put(out, qst, Lq, o, g.q_step)
                 _put(_lse_rows(lse), qst, Lq, m.unsqueeze(-1), g.q_step)
                 continue
@@ -474,45 +510,52 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
     plan = _plan(cu_q, cu_k, causal)
     flash = _use_flash(q) and (features is None or features.window_only)
     window = None if features is None else features.window
-    clean = flash and (_finite(dout) if inputs_finite else _finite(dout, q, k, v))
+    clean = flash and _finite(dout) and (inputs_finite or _inputs_finite(q, k, v))
     keys_seen = sum(len(g.k_starts) * g.Lk for g in plan)  # keys of query-less sequences get 0
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    alloc = torch.empty if keys_seen == k.shape[0] else torch.zeros
-    dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    # One group holding every query and key: the kernel's gradients are dq, dk, dv (views).
+    whole = len(plan) == 1 and keys_seen == k.shape[0]
+    dq = dk = dv = None
+    if not whole:
+        dq, dk, dv = _grad_buffers(q, k, v, keys_seen)
     for g in plan:
         Lq, Lk, qst, kst = g.Lq, g.Lk, g.q_starts, g.k_starts
-        if Lk == 0:
-            _put(dq, qst, Lq, 0.0, g.q_step)
-            continue
-        args = _flash_args(q, Lq, Lk, causal, window) if flash else None
+        args = _flash_args(q, Lq, Lk, causal, window) if flash and Lk else None
         if args is not None:
             qb, dob = _seqs(q, qst, Lq, g.q_step), _seqs(dout, qst, Lq, g.q_step)
             kb, vb = _seqs(k, kst, Lk, g.k_step), _seqs(v, kst, Lk, g.k_step)
             if clean or _finite(qb, kb, vb, dob):
-                ob, m = _seqs(out, qst, Lq, g.q_step), _seqs(_lse_rows(lse), qst, Lq, g.q_step).squeeze(-1)
+                ob, m = _seqs(out, qst, Lq, g.q_step), _lse_seqs(lse, qst, Lq, g.q_step)
                 kx, vx, repeated = _kv_for(kb, vb, H)
                 is_causal, mask = args
-                gq, gk, gv = _FLASH_BWD(dob, qb, kx, vx, ob, m.to(_acc_dtype(q.dtype)), 0.0, is_causal,
-                                        attn_mask=mask, scale=scale)
+                gq, gk, gv = _FLASH_BWD(dob, qb, kx, vx, ob, m, 0.0, is_causal, attn_mask=mask, scale=scale)
                 if repeated:  # a kv head's gradient sums over the query heads that share it
                     gk = gk.unflatten(1, (k.shape[1], -1)).sum(2)
                     gv = gv.unflatten(1, (k.shape[1], -1)).sum(2)
-                if len(plan) == 1:
-                    dq = gq.transpose(1, 2).reshape(q.shape)
-                else:
-                    _put(dq, qst, Lq, gq, g.q_step)
-                if len(plan) == 1 and keys_seen == k.shape[0]:
-                    dk, dv = gk.transpose(1, 2).reshape(k.shape), gv.transpose(1, 2).reshape(v.shape)
-                else:
-                    _put(dk, kst, Lk, gk, g.k_step)
-                    _put(dv, kst, Lk, gv, g.k_step)
+                if whole:
+                    return _packed(gq, q.shape), _packed(gk, k.shape), _packed(gv, v.shape)
+                _put(dq, qst, Lq, gq, g.q_step)
+                _put(dk, kst, Lk, gk, g.k_step)
+                _put(dv, kst, Lk, gv, g.k_step)
                 continue
+        if dq is None:
+            dq, dk, dv = _grad_buffers(q, k, v, keys_seen)
+        if Lk == 0:
+            _put(dq, qst, Lq, 0.0, g.q_step)
+            continue
         qi, ki = _rows(qst, Lq, q.device), _rows(kst, Lk, q.device)
         dqb, dkb, dvb = _exact_backward(dout, q, k, v, out, lse, g, scale, causal, features)
         dq.index_copy_(0, qi, dqb.to(q.dtype))
         dk.index_copy_(0, ki, dkb.to(k.dtype))
         dv.index_copy_(0, ki, dvb.to(v.dtype))
     return dq, dk, dv
+
+
+def _grad_buffers(q, k, v, keys_seen: int):
+    """dq, dk, dv for the groups to write into: every query row is written; keys of query-less
+    sequences are not (their gradient is 0)."""
+    alloc = torch.empty if keys_seen == k.shape[0] else torch.zeros
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            *(alloc(t.shape, dtype=t.dtype, device=t.device) for t in (k, v)))
 
 
 # ------------------------------------------------------------------------- the exact hand-rolled path

@@ -1,0 +1,118 @@
+"""Where the time of one varlen_attention call goes on CPU, next to padded SDPA's, from the PyTorch
+profiler: the equal-length workloads of ``bench/attention.py`` (a, c, e; d with ``--with-d``), where
+both run the same aten kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its backward)
+on the same (B, N, H, D) layout, so what ours adds is visible as the other rows.
+
+    python bench/attention_profile.py --threads 1     # writes bench/results/attention_profile_cpu1t.{json,md}
+
+Per method and pass (forward under no_grad; forward + backward), per call:
+    time_ms       unprofiled, median of interleaved rounds (``harness.interleaved_ms``)
+    kernel_ms     self time of the flash kernels (forward, backward)
+    check_ms      self time of ``aten::sum`` and the scalar read-back (``aten::item``): our
+                  finiteness check of q, k, v (forward) and of the output gradient (backward)
+    other_ops_ms  self time of every other aten op (views, allocations, copies, fills)
+    outside_ms    profiled wall time minus all op self times: Python (validation, backend choice,
+                  the plan, autograd bookkeeping) plus the profiler's own cost, so larger than the
+                  unprofiled difference
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+attention = harness.script("attention")
+
+KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+CHECK = ("aten::sum", "aten::item", "aten::_local_scalar_dense")
+# Ops whose self time is the sum of their children's: counting them would count those twice.
+WRAPPERS = ("aten::scaled_dot_product_attention",)
+
+
+def profiled(fn, calls: int) -> dict:
+    """Per-call self times (ms) by category, and the profiled wall time per call."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wall = (time.perf_counter() - start) * 1e3 / calls
+    kernel = check = other = 0.0
+    sums = 0
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::") or e.key in WRAPPERS:
+            continue
+        ms = e.self_cpu_time_total / 1e3 / calls
+        if e.key in KERNELS:
+            kernel += ms
+        elif e.key in CHECK:
+            check += ms
+            sums += e.count if e.key == "aten::sum" else 0
+        else:
+            other += ms
+    return {"kernel_ms": kernel, "check_ms": check, "check_sums": sums / calls, "other_ops_ms": other,
+            "outside_ms": max(0.0, wall - kernel - check - other), "profiled_ms": wall}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--calls", type=int, default=10, help="profiled calls per method and pass")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the unprofiled timing")
+    p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--with-d", action="store_true", help="also workload d (2 x 3136 tokens; slow)")
+    p.add_argument("--tag", default=None, help="result file name: attention_profile_<tag>_<machine>")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import os
+    load_before = os.getloadavg()
+    keys = ["a", "c", "e"] + (["d"] if args.with_d else [])
+    all_work = attention.workloads(1 / 16, 64)
+    rows = []
+    for key in keys:
+        lens, head_dim = all_work[key]
+        w = attention.make_work(lens, 6, head_dim, "cpu", torch.float32)
+        ref = attention.reference(w)
+        timed, passes = {}, {}
+        for name, make in (("varlen_torch", attention.varlen("torch")), ("sdpa_padded", attention.sdpa_padded())):
+            row, fns = attention.bench_method(make, w, ref, attention.TOLERANCE[torch.float32])
+            if set(fns) != {"fwd_ms", "fwdbwd_ms"}:
+                raise RuntimeError(f"{name} on workload {key} did not run or disagree: {row.get('note')}")
+            for pass_, fn in fns.items():
+                timed[(name, pass_)] = (fn, None)
+                passes[(name, pass_)] = fn
+        times = harness.interleaved_ms(timed, args.rounds, args.min_run_time)
+        for (name, pass_), fn in passes.items():
+            rows.append({"workload": key, "shape": w.shape, "pass": pass_.removesuffix("_ms"), "method": name,
+                         "time_ms": times[(name, pass_)], **profiled(fn, args.calls)})
+        for pass_ in ("fwd", "fwdbwd"):
+            ours, sdpa = (next(r for r in rows if r["workload"] == key and r["pass"] == pass_ and r["method"] == m)
+                          for m in ("varlen_torch", "sdpa_padded"))
+            ours["speedup_vs_sdpa"] = sdpa["time_ms"] / ours["time_ms"]
+    info = harness.machine("cpu")
+    notes = (f"Machine load (1/5/15-min averages, {os.cpu_count()} cores) "
+             f"{'/'.join(f'{x:.2f}' for x in load_before)} before, "
+             f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, 6 heads, CPU sizes of "
+             f"bench/attention.py. time_ms: unprofiled, median of {args.rounds} interleaved rounds; the other "
+             f"columns: torch.profiler self CPU time per call over {args.calls} calls (see the script's "
+             f"docstring); check_sums = aten::sum calls per call (ours: q, k, v in the forward, the output "
+             f"gradient in the backward). speedup_vs_sdpa = SDPA time_ms / ours (> 1 is ours faster). CPU timings.")
+    cols = ["workload", "shape", "pass", "method", "time_ms", "speedup_vs_sdpa", "kernel_ms", "check_ms",
+            "check_sums", "other_ops_ms", "outside_ms", "profiled_ms"]
+    name = "attention_profile" + (f"_{args.tag}" if args.tag else "")
+    paths = harness.write(name, info, rows, cols, notes)
+    print(harness.table(rows, cols))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
