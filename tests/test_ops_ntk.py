@@ -111,6 +111,33 @@ def test_ntk_float32_and_triton_gram():
         assert rel_err(ak.ntk(model, x, backend=backend), want) <= 1e-4
 
 
+@pytest.mark.parametrize("kernel,dilation,padding,stride", [
+    ((7, 7), (1, 1), (3, 3), (4, 4)), ((3, 2), (2, 1), (1, 2), (2, 3)), ((4, 4), (1, 1), (0, 0), (4, 4)),
+    ((1, 1), (1, 1), (0, 0), (1, 1)), ((5, 5), (1, 1), (6, 6), (1, 1)), ((3, 3), (3, 2), (0, 0), (5, 1))])
+def test_conv_windows_are_unfold(kernel, dilation, padding, stride):
+    """The strided-copy im2col of the Conv2d factor equals F.unfold bit for bit, also on strided
+    input (channels_last, a slice) and with non-finite values (pure data movement)."""
+    from asvit_kernels.ops.ntk import _conv_windows
+    x = torch.randn(3, 4, 13, 11, dtype=torch.float64)
+    x[1, 2, 5, 3], x[2, 0, 0, 0] = math.nan, -math.inf
+    for t in (x, x.to(memory_format=torch.channels_last), torch.randn(3, 8, 13, 11, dtype=torch.float64)[:, ::2]):
+        want = nn.functional.unfold(t, kernel, dilation, padding, stride).transpose(1, 2)
+        got = _conv_windows(t, kernel, dilation, padding, stride)
+        assert got.shape == want.shape
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_ntk_conv_with_padding_dilation_stride_equals_loop():
+    """The Conv2d factor for padding, dilation and unequal strides (the patch embeds above have none)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, (3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), nn.GELU(),
+                          nn.Conv2d(5, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    x = torch.randn(6, 3, 11, 11, dtype=torch.float64)
+    K, info = ak.ntk(model, x, return_info=True)
+    assert info["path"] == "fast", info
+    assert rel_err(K, reference.ntk_loop(model, x)) <= 1e-10
+
+
 @pytest.mark.parametrize("factory,why", [
     (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "BatchNorm"),
     (WindowsFirst, "leading dim"),

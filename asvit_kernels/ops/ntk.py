@@ -112,6 +112,20 @@ def _per_token(t: Tensor, B: int) -> Tensor:
     return t.reshape(B, -1, t.shape[-1])
 
 
+def _conv_windows(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
+    """``F.unfold(x, ...).transpose(1, 2)`` as one strided copy (a view for a 1x1 kernel), (B, L, C * kh * kw):
+    the same values bit for bit. F.unfold's CPU kernel goes sample by sample (proxy patch embed,
+    B = 64: 1.7 ms at 1 thread, this 0.8 ms; at 2 threads on the loaded machine 520 ms against 24 ms)."""
+    B, C = x.shape[:2]
+    if padding[0] or padding[1]:
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    Lh, Lw = ((x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in (0, 1))
+    sB, sC, sH, sW = x.stride()
+    v = x.as_strided((B, Lh, Lw, C, kernel[0], kernel[1]),
+                     (sB, stride[0] * sH, stride[1] * sW, sC, dilation[0] * sH, dilation[1] * sW))
+    return v.reshape(B, Lh * Lw, C * kernel[0] * kernel[1])
+
+
 def _layer_factors(m: nn.Module, inputs: list[Tensor], grads: list[Tensor], B: int,
                    wanted: set[str]) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
     """For each parameter of the layer named in ``wanted``: (per-token input a, per-token output
@@ -127,8 +141,9 @@ def _layer_factors(m: nn.Module, inputs: list[Tensor], grads: list[Tensor], B: i
         if isinstance(m, nn.Conv2d):
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise _Fallback("Conv2d with groups, padding modes or string padding")
-            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)   # (B, Cin*k*k, L)
-            a_parts.append(cols.transpose(1, 2))
+            if x.dim() != 4:
+                raise _Fallback(f"Conv2d fed {tuple(x.shape)}, not a batch (B, C, H, W)")
+            a_parts.append(_conv_windows(x, m.kernel_size, m.dilation, m.padding, m.stride))  # (B, L, Cin*k*k)
             g_parts.append(g.flatten(2).transpose(1, 2))                          # (B, L, Cout)
         elif isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1:
