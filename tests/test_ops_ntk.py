@@ -138,6 +138,25 @@ def test_ntk_conv_with_padding_dilation_stride_equals_loop():
     assert rel_err(K, reference.ntk_loop(model, x)) <= 1e-10
 
 
+def test_ntk_conv_fed_unbatched_samples_takes_exact_path():
+    """A Conv2d called on each (C, H, W) sample, C equal to B so the leading-dim check cannot tell:
+    the fast path must not read the unbatched call as a batch."""
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 2), nn.Linear(4 * 4 * 4, 2)
+
+        def forward(self, x):
+            return self.head(torch.stack([self.conv(xi) for xi in x]).flatten(1))
+
+    torch.manual_seed(0)
+    model = PerSample().double()
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    K, info = ak.ntk(model, x, return_info=True)
+    assert info["path"] == "exact" and "not a batch" in info["reason"], info
+    assert rel_err(K, reference.ntk_loop(model, x)) <= 1e-10
+
+
 @pytest.mark.parametrize("factory,why", [
     (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "BatchNorm"),
     (WindowsFirst, "leading dim"),
