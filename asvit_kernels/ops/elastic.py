@@ -252,9 +252,10 @@ def _viewable(weight: Tensor, bias: Optional[Tensor]) -> bool:
             and (bias is None or bias.is_contiguous()))
 
 
-def _block(t: Tensor, sizes, strides, offset: int) -> Tensor:
-    """``t.as_strided`` with ``strides`` in units of ``t``'s own strides (``offset`` too), so the
-    view is exactly the slicing it stands for, whatever ``t``'s layout."""
+def _block(t: Tensor, sizes, strides, offset) -> Tensor:
+    """``t.as_strided`` with ``strides`` (and ``offset``: an int, or a (row, column) pair) in units of
+    ``t``'s own strides, from its own storage offset: the view is exactly the slicing it stands
+    for, whatever ``t``'s layout (only for layouts ``_viewable`` passes)."""
     st = t.stride()
     if len(st) == 1:
         return t.as_strided(sizes, [a * st[0] for a in strides], t.storage_offset() + offset * st[0])
