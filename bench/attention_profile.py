@@ -18,6 +18,7 @@ Per method and pass (forward under no_grad; forward + backward), per call:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import os
     load_before = os.getloadavg()
     keys = ["a", "c", "e"] + (["d"] if args.with_d else [])
     all_work = attention.workloads(1 / 16, 64)

@@ -347,11 +347,11 @@ def _packed_lse(m: torch.Tensor) -> torch.Tensor:
     return m.transpose(0, 1).reshape(H, -1)
 
 
-def _lse_seqs(lse: torch.Tensor, starts, length: int, step: Optional[int]) -> torch.Tensor:
-    """The (n, H, length) lse of those rows, from (H, total) ``lse`` in the accumulation dtype (a
-    view when the starts are evenly spaced)."""
-    if lse.dtype not in (torch.float32, torch.float64):
-        lse = lse.float()
+def _lse_seqs(lse: torch.Tensor, starts, length: int, step: Optional[int], dtype: torch.dtype) -> torch.Tensor:
+    """The (n, H, length) lse of those rows, from (H, total) ``lse``, in ``dtype`` (a view when the
+    starts are evenly spaced and ``lse`` is in ``dtype`` already, as the forward leaves it)."""
+    if lse.dtype != dtype:
+        lse = lse.to(dtype)
     if step is None:
         return _seqs(_lse_rows(lse), starts, length, None).squeeze(-1)
     st = lse.stride()
@@ -524,7 +524,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: fl
             qb, dob = _seqs(q, qst, Lq, g.q_step), _seqs(dout, qst, Lq, g.q_step)
             kb, vb = _seqs(k, kst, Lk, g.k_step), _seqs(v, kst, Lk, g.k_step)
             if clean or _finite(qb, kb, vb, dob):
-                ob, m = _seqs(out, qst, Lq, g.q_step), _lse_seqs(lse, qst, Lq, g.q_step)
+                ob, m = _seqs(out, qst, Lq, g.q_step), _lse_seqs(lse, qst, Lq, g.q_step, _acc_dtype(q.dtype))
                 kx, vx, repeated = _kv_for(kb, vb, H)
                 is_causal, mask = args
                 gq, gk, gv = _FLASH_BWD(dob, qb, kx, vx, ob, m, 0.0, is_causal, attn_mask=mask, scale=scale)
