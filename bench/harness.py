@@ -82,17 +82,27 @@ def time_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     return m.median * 1e3
 
 
-def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5) -> dict:
+def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5, failed: dict | None = None) -> dict:
     """Median over ``rounds`` rounds of ``time_ms`` for each ``key: (fn, context)`` of ``timed``;
     each round times every fn once, in order, inside its context (a callable returning a context
     manager, or None), so a change of machine load hits every method of a table alike instead of
-    whichever one was timing then (a shared 2-core machine drifts over seconds)."""
+    whichever one was timing then (a shared 2-core machine drifts over seconds).
+
+    ``failed``: a dict to collect ``key: exception`` of fns whose timing raises; such a key is left
+    out of the later rounds and of the result, and the others go on. None: exceptions propagate."""
     times = {key: [] for key in timed}
     for _ in range(rounds):
         for key, (fn, context) in timed.items():
-            with context() if context is not None else contextlib.nullcontext():
-                times[key].append(time_ms(fn, min_run_time))
-    return {key: statistics.median(ts) for key, ts in times.items()}
+            if failed is not None and key in failed:
+                continue
+            try:
+                with context() if context is not None else contextlib.nullcontext():
+                    times[key].append(time_ms(fn, min_run_time))
+            except Exception as e:  # noqa: BLE001 - recorded for the caller, only when asked
+                if failed is None:
+                    raise
+                failed[key] = e
+    return {key: statistics.median(ts) for key, ts in times.items() if ts}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:

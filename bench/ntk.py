@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -245,28 +244,20 @@ def child(spec: dict, args) -> None:
 
 
 def time_and_measure(rows: list[dict], timed: dict, specs: dict, args, argv: list[str]) -> None:
-    """Time the row's methods that passed their check in ``args.rounds`` interleaved rounds (each
-    round times every method once, in turn, with harness.time_ms; median over the rounds, as
-    harness.interleaved_ms), so load drift on a shared machine hits every method of the row alike;
-    then each one's peak memory, in a fresh process per measurement. A method whose timing fails
-    is marked n/a and dropped from the later rounds; the others go on."""
-    times: dict[str, list[float]] = {m: [] for m in timed}
+    """Time the row's methods that passed their check in ``args.rounds`` interleaved rounds
+    (``harness.interleaved_ms``), so load drift on a shared machine hits every method of the row
+    alike; then each one's peak memory, in a fresh process per measurement. A method whose timing
+    fails is marked n/a and dropped from the later rounds; the others go on."""
     failed: dict[str, BaseException] = {}
-    for _ in range(args.rounds):
-        for method, fn in timed.items():
-            if method in failed:
-                continue
-            try:
-                times[method].append(harness.time_ms(fn, args.min_run_time))
-            except Exception as e:  # noqa: BLE001 - a method that cannot run is a result, not a crash
-                failed[method] = e
+    times = harness.interleaved_ms({m: (fn, None) for m, fn in timed.items()}, args.rounds, args.min_run_time,
+                                   failed=failed)
     for row in rows:
         method = row["method"]
         if method in failed:
             e = failed[method]
             row.update(ms="n/a", note=f"n/a: {_reason(e)}", error=repr(e))
         elif method in timed:
-            row["ms"] = statistics.median(times[method])
+            row["ms"] = times[method]
             row["peak_mem_MB"] = measure_memory(specs[method], args, argv)
 
 
