@@ -6,7 +6,7 @@ on the same (B, N, H, D) layout, so what ours adds is visible as the other rows.
     python bench/attention_profile.py --threads 1     # writes bench/results/attention_profile_cpu1t.{json,md}
 
 Per method and pass (forward under no_grad; forward + backward), per call:
-    time_ms       unprofiled, median of interleaved rounds (``harness.interleaved_ms``)
+    time_ms       unprofiled, alternating slices (``harness.interleaved_ms``)
     kernel_ms     self time of the flash kernels (forward, backward)
     check_ms      self time of ``aten::sum`` and the scalar read-back (``aten::item``): our
                   finiteness check of q, k, v (forward) and of the output gradient (backward)
@@ -67,7 +67,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--calls", type=int, default=10, help="profiled calls per method and pass")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the unprofiled timing")
+    p.add_argument("--rounds", type=int, default=3, help="unprofiled timing: rounds x --min-run-time s of alternating slices per method")
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--with-d", action="store_true", help="also workload d (2 x 3136 tokens; slow)")
     p.add_argument("--tag", default=None, help="result file name: attention_profile_<tag>_<machine>")
@@ -102,7 +102,7 @@ def main(argv=None):
     notes = (f"Machine load (1/5/15-min averages, {os.cpu_count()} cores) "
              f"{'/'.join(f'{x:.2f}' for x in load_before)} before, "
              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, 6 heads, CPU sizes of "
-             f"bench/attention.py. time_ms: unprofiled, median of {args.rounds} interleaved rounds; the other "
+             f"bench/attention.py. time_ms: unprofiled, {harness.interleaved_note(args.rounds, args.min_run_time)}; the other "
              f"columns: torch.profiler self CPU time per call over {args.calls} calls (see the script's "
              f"docstring); check_sums = aten::sum calls per call (ours: q, k, v in the forward, the output "
              f"gradient in the backward). speedup_vs_sdpa = SDPA time_ms / ours (> 1 is ours faster). CPU timings.")

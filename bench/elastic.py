@@ -7,9 +7,9 @@ for wrapped/cyclic ranges).
     python bench/elastic.py --threads 1 --timer thread   # one thread, thread CPU time (loaded machine)
     python bench/elastic.py --device cuda      # GPU: torch and triton backends
 
-Each row times its methods in --rounds interleaved rounds and reports the median round, so a load
-change during the run hits every method alike; the machine load (``os.getloadavg``) before and after
-goes into the table header. Prints a table and writes bench/results/elastic_<tag>_<machine>.{json,md}
+Each row times its methods side by side (``harness.interleaved_ms``: alternating ~20 ms slices,
+mean of the middle half), so a load change during the run hits every method alike; the machine load
+(``os.getloadavg``) before and after goes into the table header. Prints a table and writes bench/results/elastic_<tag>_<machine>.{json,md}
 (tag: the date by default, so earlier results stay).
 """
 from __future__ import annotations
@@ -38,27 +38,12 @@ def fwd_bwd(f, params, x, dy):
     return step
 
 
-def thread_time_ms(fn, min_run_time: float = 0.5) -> float:
-    """Fastest batch of ``fn()`` in this thread's CPU time (ms): with one thread, a loaded machine
-    slows it far less than wall time (it does not count time spent descheduled)."""
-    fn()
-    best, end = float("inf"), time.perf_counter() + min_run_time
-    while time.perf_counter() < end:
-        t0 = time.thread_time()
-        for _ in range(3):
-            fn()
-        best = min(best, (time.thread_time() - t0) / 3 * 1e3)
-    return best
-
-
-def timed_rows(row: dict, methods: dict, timer, min_run_time: float, rounds: int, backend_list) -> dict:
-    """Median over interleaved rounds of each method's time; ratios against dense and copy-slicing."""
-    times = {k: [] for k in methods}
-    for _ in range(rounds):
-        for k, fn in methods.items():
-            times[k].append(timer(fn, min_run_time))
-    for k, v in times.items():
-        row[f"{k}_ms"] = sorted(v)[len(v) // 2]
+def timed_rows(row: dict, methods: dict, clock, min_run_time: float, rounds: int, backend_list) -> dict:
+    """Each method's ms, timed side by side (``harness.interleaved_ms``); ratios against dense and
+    copy-slicing."""
+    times = harness.interleaved_ms({k: (fn, None) for k, fn in methods.items()}, rounds, min_run_time, clock=clock)
+    for k, ms in times.items():
+        row[f"{k}_ms"] = ms
     for be in backend_list:
         t = row[f"elastic_{be}_ms"]
         row[f"{be}_vs_dense"] = t / row["dense_ms"]
@@ -70,7 +55,7 @@ def kind(offsets_zero: bool, wraps: bool) -> str:
     return "wrapped" if wraps else ("first-k" if offsets_zero else "offset")
 
 
-def linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, timer, min_run_time, rounds):
+def linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, clock, min_run_time, rounds):
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(C_out, C_in, generator=g).to(device, dtype).requires_grad_()
     b = torch.randn(C_out, generator=g).to(device, dtype).requires_grad_()
@@ -92,10 +77,10 @@ def linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, t
         methods[f"elastic_{be}"] = fwd_bwd(f, [w, b], x, dy)
     row = {"op": "linear", "tokens": tokens, "full": f"{C_out}x{C_in}", "sub": f"{o_w}x{i_w}",
            "ranges": kind(in_r[0] == out_r[0] == 0, wraps)}
-    return timed_rows(row, methods, timer, min_run_time, rounds, backend_list)
+    return timed_rows(row, methods, clock, min_run_time, rounds, backend_list)
 
 
-def layer_norm_case(device, dtype, tokens, C, r, backend_list, timer, min_run_time, rounds):
+def layer_norm_case(device, dtype, tokens, C, r, backend_list, clock, min_run_time, rounds):
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
     b = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
@@ -110,7 +95,7 @@ def layer_norm_case(device, dtype, tokens, C, r, backend_list, timer, min_run_ti
         methods[f"elastic_{be}"] = fwd_bwd(f, [w, b], x, dy)
     row = {"op": "layer_norm", "tokens": tokens, "full": f"{C}", "sub": f"{r[1]}",
            "ranges": kind(r[0] == 0, r[0] + r[1] > C)}
-    return timed_rows(row, methods, timer, min_run_time, rounds, backend_list)
+    return timed_rows(row, methods, clock, min_run_time, rounds, backend_list)
 
 
 def main(argv=None):
@@ -120,11 +105,12 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=None, help="rows per call (default 8x197 CPU, 64x197 GPU)")
     ap.add_argument("--dim", type=int, default=384, help="supernet embed dim; the layer is (4*dim, dim)")
     ap.add_argument("--backends", default=None, help="comma list (default: what runs here, interpreter excluded)")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--timer", choices=("wall", "thread"), default="wall",
-                    help="wall: harness.time_ms (median wall ms); thread: this thread's CPU time (one thread)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per row (median taken)")
+                    help="wall: wall-clock time; thread: this thread's CPU time (one thread; a loaded machine's "
+                         "descheduled time is not counted)")
+    ap.add_argument("--rounds", type=int, default=3, help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
     ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"), help="result file tag (default today's date)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -133,7 +119,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.timer == "thread" and (args.device != "cpu" or torch.get_num_threads() != 1):
         ap.error("--timer thread measures one CPU thread: use it with --device cpu --threads 1")
-    timer = thread_time_ms if args.timer == "thread" else harness.time_ms
+    clock = time.thread_time if args.timer == "thread" else time.perf_counter
     device = args.device
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     tokens = args.tokens or (8 * 197 if device == "cpu" else 64 * 197)
@@ -151,12 +137,12 @@ def main(argv=None):
         if frac < 1.0:  # cyclic sharing: a range that wraps past the end in both dims
             cases.append(((C_in - i_w // 2, i_w), (C_out - o_w // 3, o_w)))
         for in_r, out_r in cases:
-            rows.append(linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, timer,
+            rows.append(linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, clock,
                                     args.min_run_time, args.rounds))
             print(harness.table(rows[-1:], list(rows[-1])), flush=True)
         ln_cases = [(0, i_w)] + ([(C_in - i_w // 2, i_w)] if frac < 1.0 else [])
         for r in ln_cases:
-            rows.append(layer_norm_case(device, dtype, tokens, C_in, r, backend_list, timer, args.min_run_time,
+            rows.append(layer_norm_case(device, dtype, tokens, C_in, r, backend_list, clock, args.min_run_time,
                                         args.rounds))
             print(harness.table(rows[-1:], list(rows[-1])), flush=True)
     load_after = os.getloadavg()
@@ -168,8 +154,8 @@ def main(argv=None):
     if not args.no_write:
         load = "/".join(f"{v:.1f}" for v in load_before) + " before, " + "/".join(f"{v:.1f}" for v in load_after)
         notes = (f"Machine load (1/5/15-min load average) {load} after, on {os.cpu_count()} cores; timer: "
-                 f"{'wall-clock median (harness.time_ms)' if args.timer == 'wall' else 'thread CPU time, fastest batch'}"
-                 f", median of {args.rounds} interleaved rounds. Forward+backward of one sub-network linear layer / "
+                 f"{'wall clock' if args.timer == 'wall' else 'thread CPU time'}, "
+                 f"{harness.interleaved_note(args.rounds, args.min_run_time)}. Forward+backward of one sub-network linear layer / "
                  f"LayerNorm, {info['dtype']}, ms. *_vs_dense / *_vs_copy: elastic time over the baseline's "
                  f"(lower is better; goals: <= 1.05 vs dense on first-k, <= 1.0 vs copy on wrapped).")
         paths = harness.write(f"elastic_{args.tag}", info, rows, cols, notes)

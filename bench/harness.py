@@ -1,14 +1,15 @@
 """Shared benchmark harness: timing, machine description, result files.
 
-Timing uses ``torch.utils.benchmark.Timer.blocked_autorange``, which synchronises CUDA and picks the
-number of runs itself; we report its median. Results go to ``bench/results/<name>_<machine>.json``
-and a Markdown table beside it, with the machine named in both; ``plot_bars`` adds a PNG bar chart
-(matplotlib, when installed).
+Tables compare methods with ``interleaved_ms``: short alternating slices, so the speed drift of a
+shared machine hits every method of a row alike. ``time_ms`` (``torch.utils.benchmark``'s
+``blocked_autorange`` median, CUDA synchronised) times one fn on its own. Results go to
+``bench/results/<name>_<machine>.json`` and a Markdown table beside it, with the machine named in
+both; ``plot_bars`` adds a PNG bar chart (matplotlib, when installed).
 
 The scripts' workload definitions (shapes, methods, checks) are also what the pytest-benchmark
 suites ``bench/test_*.py`` time: they load a script with ``script(name)``, so there is one
-definition of each workload and two ways to time it (this module's ``time_ms`` for the scripts'
-tables, pytest-benchmark's fixture for ``pytest bench``).
+definition of each workload and two ways to time it (this module's ``interleaved_ms`` for the
+scripts' tables, pytest-benchmark's fixture for ``pytest bench``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch.utils.benchmark as tbench
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+SLICE_S = 0.02   # interleaved_ms: one timed slice, seconds
 
 
 def script(name: str) -> ModuleType:
@@ -82,27 +84,96 @@ def time_ms(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     return m.median * 1e3
 
 
-def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5, failed: dict | None = None) -> dict:
-    """Median over ``rounds`` rounds of ``time_ms`` for each ``key: (fn, context)`` of ``timed``;
-    each round times every fn once, in order, inside its context (a callable returning a context
-    manager, or None), so a change of machine load hits every method of a table alike instead of
-    whichever one was timing then (a shared 2-core machine drifts over seconds).
+def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5, failed: dict | None = None,
+                   slice_s: float = SLICE_S, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Milliseconds per call of each ``key: (fn, context)`` of ``timed``, measured side by side.
 
-    ``failed``: a dict to collect ``key: exception`` of fns whose timing raises; such a key is left
-    out of the later rounds and of the result, and the others go on. None: exceptions propagate."""
-    times = {key: [] for key in timed}
-    for _ in range(rounds):
-        for key, (fn, context) in timed.items():
-            if failed is not None and key in failed:
+    Every fn is warmed up once, then timed in short slices (``slice_s``, or one call when a call is
+    longer) that alternate between the fns, the order rotating each slice, until each has had
+    ``rounds * min_run_time`` seconds and at least ``rounds`` slices; the result is the mean of the
+    middle half of its slices (``middle_mean``). The machine we measure on drifts by up to ~1.5x over
+    seconds: with a slice of ~20 ms every fn sees the same drift, where a half-second block each
+    (``time_ms`` per method in turn) let one method of a row catch a fast second and another a slow
+    one. A context (a callable returning a
+    context manager, or None) is entered around each of its fn's slices.
+
+    ``clock``: ``time.perf_counter`` (wall) or, for one thread, ``time.thread_time`` (CPU time of this
+    thread: time descheduled on a loaded machine is not counted). CUDA is synchronised around slices.
+
+    ``failed``: a dict to collect ``key: exception`` of fns that raise; such a key takes no further
+    slices and is left out of the result, and the others go on. None: exceptions propagate."""
+    dropped = failed if failed is not None else {}
+    calls, budget = {}, rounds * min_run_time
+    for key, entry in timed.items():
+        try:
+            per_call = _timed_slice(entry, 1, clock, warm=True)
+        except Exception as e:  # noqa: BLE001 - recorded for the caller, only when asked
+            if failed is None:
+                raise
+            failed[key] = e
+            continue
+        calls[key] = max(1, int(slice_s / max(per_call, 1e-9)))
+    times = {key: [] for key in calls}
+    spent = dict.fromkeys(calls, 0.0)
+
+    def pending(key):
+        return key not in dropped and (spent[key] < budget or len(times[key]) < rounds)
+
+    keys, turn = list(calls), 0
+    while any(pending(k) for k in keys):
+        for key in keys[turn % len(keys):] + keys[:turn % len(keys)]:
+            if not pending(key):
                 continue
             try:
-                with context() if context is not None else contextlib.nullcontext():
-                    times[key].append(time_ms(fn, min_run_time))
-            except Exception as e:  # noqa: BLE001 - recorded for the caller, only when asked
+                per_call = _timed_slice(timed[key], calls[key], clock)
+            except Exception as e:  # noqa: BLE001
                 if failed is None:
                     raise
                 failed[key] = e
-    return {key: statistics.median(ts) for key, ts in times.items() if ts}
+                continue
+            times[key].append(per_call * 1e3)
+            spent[key] += per_call * calls[key]
+        turn += 1
+    return {key: middle_mean(ts) for key, ts in times.items() if ts and key not in dropped}
+
+
+def middle_mean(values: list[float]) -> float:
+    """Mean of the middle half (the interquartile mean); the median below four values. It drops
+    the odd descheduled slice like a median does, but where the machine flips between two speeds it
+    averages them as every method saw them, where a median jumps to whichever speed has one more
+    slice."""
+    if len(values) < 4:
+        return statistics.median(values)
+    v, cut = sorted(values), len(values) // 4
+    return statistics.fmean(v[cut:len(v) - cut])
+
+
+def _timed_slice(entry, calls: int, clock, warm: bool = False) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of ``entry = (fn, context)`` (after one
+    untimed call when ``warm``)."""
+    fn, context = entry
+    with context() if context is not None else contextlib.nullcontext():
+        if warm:
+            fn()
+        _sync()
+        t0 = clock()
+        for _ in range(calls):
+            fn()
+        _sync()
+        return (clock() - t0) / calls
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def interleaved_note(rounds: int, min_run_time: float, slice_s: float = SLICE_S) -> str:
+    """How ``interleaved_ms`` timed a table, for the table's notes."""
+    return (f"ms per call: mean of the middle half of alternating slices of ~{slice_s * 1e3:.0f} ms (or one call when a call "
+            f"is longer), the methods of a row taking turns in rotating order, {rounds * min_run_time:.1f} s and "
+            f"at least {rounds} slices per method, after one warm-up call each; so the machine's speed drift "
+            f"over seconds hits every method of a row alike")
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:

@@ -1,9 +1,10 @@
 """Training-step time of whole models: the fused ops against what the released codes do.
 
 One step = forward, cross-entropy on random labels, backward (gradients set to None first; no
-optimizer), timed with ``harness.time_ms`` in interleaved rounds (median ms). Every method of a case runs the SAME model
-object with the SAME weights on the SAME batch; only the attention / elastic-op implementation is
-swapped, by patching the model code's seams for the duration of that method:
+optimizer), timed side by side (``harness.interleaved_ms``: alternating slices). Every method of a
+case runs the SAME model object with the SAME weights on the SAME batch; only the attention /
+elastic-op implementation is swapped, by patching the model code's seams for the duration of that
+method:
 
 As-ViT (``AsViT.from_genotype``), the seed ``8,2,3|4,1,2|4,1,4|4,1,6|32`` and the Large-shaped
 ``8,2,3,5|4,1,2,2|4,1,4,5|4,1,6,2|32,180`` (on CPU with a narrower hidden width, see --large-hidden):
@@ -193,7 +194,7 @@ def _reason(e: BaseException) -> str:
 def run_case(model_name: str, case: str, shape: str, methods: list[Method], x, y, device: str,
              min_run_time: float, rounds: int = 3) -> list[dict]:
     """Check each method against the first ("ours") on the batch, then time the training steps of
-    those that agree in ``rounds`` interleaved rounds (median)."""
+    those that agree side by side (``harness.interleaved_ms``, ``rounds`` x ``min_run_time`` s each)."""
     rows, ref, timed = [], None, {}
     tol = LOSS_TOL.get(x.dtype, 1e-5)
     for m in methods:
@@ -336,9 +337,9 @@ def main(argv=None):
     ap.add_argument("--sharing", default="first,cyclic", help="comma list of first, last, cyclic")
     ap.add_argument("--private-qk", action="store_true", help="ViTAS private q/k projections per heads choice")
     ap.add_argument("--backend", default=None, help="backend of the fused ops for ours and dense (default: auto)")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds per case: every method timed once per round, median taken")
+                    help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
 
@@ -366,7 +367,7 @@ def main(argv=None):
     if not args.no_write:
         large = f"hidden {sizes['large_hidden']}" if sizes["large_hidden"] else "hidden 180"
         notes = (f"Training step = forward + cross-entropy on random labels + backward, no optimizer; "
-                 f"{info['dtype']}, median ms over {args.rounds} interleaved rounds (every method of a case once per round); "
+                 f"{info['dtype']}, {harness.interleaved_note(args.rounds, args.min_run_time)}; "
                  f"fused ops backend {info['backend']}. "
                  f"As-ViT: batch {sizes['batch']}, {sizes['img']} px, seed and Large-shaped ({large}). "
                  f"ours = varlen window attention as built; plain = released-style window partition by "

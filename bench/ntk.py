@@ -21,11 +21,10 @@ and L^E = sum_n || J_f(x_n) t_n || on 10 points of asvit_kernels.circle_curve th
 asvit_kernels.reference.length_distortion_loop (one backward per output feature).
 
 Every method's value is first checked against the loop (kappa and the NTK matrices themselves;
-L^E); then the methods of a row are timed in ``--rounds`` interleaved rounds (each round times
-every method once, in turn; median ms over the rounds), so load drift on a shared machine hits them
-alike, and each one's peak memory is measured: on CPU as the peak resident set over the one before
-the call, each measurement in a fresh process (harness.run_isolated); on CUDA
-with torch.cuda.max_memory_allocated.
+L^E); then the methods of a row are timed side by side (``harness.interleaved_ms``: alternating
+slices), so load drift on a shared machine hits them alike, and each one's peak memory is measured:
+on CPU as the peak resident set over the one before the call, each measurement in a fresh process
+(harness.run_isolated); on CUDA with torch.cuda.max_memory_allocated.
 
     python bench/ntk.py                  # CPU: --small, fp32
     python bench/ntk.py --device cuda    # GPU: full-size ViT-S
@@ -244,10 +243,10 @@ def child(spec: dict, args) -> None:
 
 
 def time_and_measure(rows: list[dict], timed: dict, specs: dict, args, argv: list[str]) -> None:
-    """Time the row's methods that passed their check in ``args.rounds`` interleaved rounds
-    (``harness.interleaved_ms``), so load drift on a shared machine hits every method of the row
-    alike; then each one's peak memory, in a fresh process per measurement. A method whose timing
-    fails is marked n/a and dropped from the later rounds; the others go on."""
+    """Time the row's methods that passed their check side by side (``harness.interleaved_ms``),
+    so load drift on a shared machine hits every method of the row alike; then each one's peak
+    memory, in a fresh process per measurement. A method whose timing fails is marked n/a and takes
+    no further turns; the others go on."""
     failed: dict[str, BaseException] = {}
     times = harness.interleaved_ms({m: (fn, None) for m, fn in timed.items()}, args.rounds, args.min_run_time,
                                    failed=failed)
@@ -368,9 +367,9 @@ def main(argv=None):
     ap.add_argument("--vit-depth", type=int, default=None, help="vit-s depth (default 12, --small 4)")
     ap.add_argument("--vit-img", type=int, default=None, help="vit-s input side (default 224, --small 96)")
     ap.add_argument("--cases", default="proxy,vit-s,le", help="comma list of proxy, vit-s, le")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds per row: every method of the row timed once per round, median taken")
+                    help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
     ap.add_argument("--methods", default="ours,loop,vmap_jacrev",
                     help="comma list of the methods to run (L^E has ours and loop); without loop there is "
                          "no reference to check against nor speedup_vs_loop")
@@ -442,10 +441,8 @@ def main(argv=None):
                  f"{args.repeats} fresh initialisations; ms times all of them. proxy: overlapping conv patch embed "
                  f"k7 s4 on {cfgs['proxy']['img']}px, embed 96, 3 heads, depth {cfgs['proxy']['depth']}, 256 outputs; "
                  f"vit-s: patch 16, embed 384, 6 heads, depth {cfgs['vit-s']['depth']}, {cfgs['vit-s']['img']}px, "
-                 f"1000 outputs. L^E: {LE_POINTS} circle_curve points through proxy model 0. ms: median over "
-                 f"{args.rounds} interleaved rounds (each round times every method of the row once, in turn: "
-                 f"torch.utils.benchmark blocked_autorange median over {args.min_run_time:g} s after a warm-up "
-                 f"call), so the methods of a row share the machine's load; "
+                 f"1000 outputs. L^E: {LE_POINTS} circle_curve points through proxy model 0. "
+                 f"{harness.interleaved_note(args.rounds, args.min_run_time)}; "
                  f"speedup_vs_loop = loop ms / method ms. rel_diff: |value - loop value| / |loop value| "
                  f"(agrees: <= {KAPPA_TOL[dtype]:g} for kappa, {LE_TOL[dtype]:g} for L^E); ntk_rel_diff: max over "
                  f"models of ||K - K_loop||_F / ||K_loop||_F. peak_mem_MB: {mem}. vmap_jacrev contracts each "

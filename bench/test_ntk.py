@@ -5,6 +5,8 @@ per-sample loop; and the length distortion L^E, ours (forward-mode JVPs) against
 per-output-coordinate backward loop. Each value is checked against the loop before timing."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -65,28 +67,29 @@ def test_length_distortion(name, le_case, measure):
 
 
 def test_methods_of_a_row_are_timed_interleaved(monkeypatch):
-    """Every round times each method once, in turn; ms is the median over the rounds; a method whose
-    timing fails is n/a and left out of the later rounds while the others go on."""
-    calls, seq = [], {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
-
-    def fake_time(fn, min_run_time):
-        return fn()
+    """The methods of a row take turns in short slices (harness.interleaved_ms, here on a fake clock);
+    ms is the mean per call of the middle half of its slices; a method whose timing fails is n/a and takes no further turns while the
+    others go on."""
+    calls, now = [], [0.0]
+    cost = {"a": 0.005, "b": 0.002}   # seconds per call on the fake clock
 
     def timed_fn(name):
         def fn():
             calls.append(name)
             if name == "bad":
                 raise RuntimeError("out of memory\nmore")
-            return next(seq[name])
+            now[0] += cost[name]
         return fn
 
-    monkeypatch.setattr(ntk.harness, "time_ms", fake_time)
+    monkeypatch.setattr(ntk.harness, "interleaved_ms",
+                        functools.partial(ntk.harness.interleaved_ms, clock=lambda: now[0]))
     monkeypatch.setattr(ntk, "measure_memory", lambda spec, args, argv: "off")
     args = type("Args", (), {"rounds": 3, "min_run_time": 0.0})()
     rows = [{"method": m} for m in ("a", "bad", "b", "skipped")]
     ntk.time_and_measure(rows, {m: timed_fn(m) for m in ("a", "bad", "b")}, {m: {} for m in "ab"} | {"bad": {}},
                          args, [])
-    assert calls == ["a", "bad", "b", "a", "b", "a", "b"]
-    assert [r.get("ms") for r in rows] == [3.0, "n/a", 4.0, None]
+    turns = [m for i, m in enumerate(calls) if i == 0 or calls[i - 1] != m]   # runs of one method
+    assert turns == ["a", "bad", "b", "a", "b", "a", "b"] and calls.count("bad") == 1
+    assert [r.get("ms") for r in rows] == [pytest.approx(5.0), "n/a", pytest.approx(2.0), None]
     assert rows[1]["note"] == "n/a: RuntimeError: out of memory"
     assert rows[0]["peak_mem_MB"] == "off" and "peak_mem_MB" not in rows[1]
