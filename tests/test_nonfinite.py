@@ -229,3 +229,61 @@ def test_views_of_a_wider_base_are_read_themselves():
     want = reference.varlen_attention(q.double(), q.double(), v.double(), cu)
     assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-6)
     assert torch.allclose(out, clean, rtol=1e-5, atol=1e-6)
+
+
+def _spy_reads(monkeypatch):
+    """The storage pointers of every tensor the torch backend's finiteness check reads."""
+    from asvit_kernels.torch_backend import attention as tb
+    reads, real = [], tb._finite
+
+    def spy(*ts):
+        reads.extend(t.untyped_storage().data_ptr() for t in ts)
+        return real(*ts)
+    monkeypatch.setattr(tb, "_finite", spy)
+    return reads
+
+
+def test_full_attention_reads_only_q_and_k(monkeypatch):
+    """Where every query sees every key, the check reads q and k only, forward and backward, and
+    NaN/inf in v or in the output gradient reach exactly the float64 reference's elements of out,
+    dq, dk and dv: random plantings over equal, mixed and cross-attention lengths, GQA included.
+    The kernel runs on them (no exact-path fallback), so a kernel that hid or leaked one fails."""
+    import random
+    reads = _spy_reads(monkeypatch)
+    rng = random.Random(11)
+    for trial in range(60):
+        n = rng.randint(1, 4)
+        lens_q = [rng.choice([rng.randint(1, 40), 17]) for _ in range(n)]
+        lens_k = lens_q if trial % 3 else [rng.randint(1, 40) for _ in range(n)]
+        H_kv = rng.choice([1, 2])
+        H_, D_ = H_kv * rng.choice([1, 2]), rng.choice([3, 16, 45])
+        g = torch.Generator().manual_seed(trial)
+        q = torch.randn(sum(lens_q), H_, D_, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(sum(lens_k), H_kv, D_, generator=g, dtype=torch.float64) for _ in range(2))
+        dy = torch.randn(sum(lens_q), H_, D_, generator=g, dtype=torch.float64)
+        for t in ((v,), (dy,), (v, dy))[trial % 3]:
+            for _ in range(rng.choice([1, 1, 3])):
+                t[tuple(rng.randrange(s) for s in t.shape)] = rng.choice([float("nan"), float("inf"), float("-inf")])
+        cu_q, cu_k = ak.cu_seqlens_from_lengths(lens_q), ak.cu_seqlens_from_lengths(lens_k)
+        got = _run(lambda a, b, c: ak.varlen_attention(a, b, c, cu_q, cu_k, backend="torch"), q, k, v, dy,
+                   "random", torch.float32, "cpu")
+        want = _run(lambda a, b, c: reference.varlen_attention(a, b, c, cu_q, cu_k), q, k, v, dy,
+                    "random", torch.float64, "cpu")
+        for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+            assert torch.equal(~torch.isfinite(a), ~torch.isfinite(b)), f"trial {trial}: {name}"
+            fine = torch.isfinite(b)
+            assert torch.allclose(a[fine], b[fine], rtol=1e-4, atol=1e-5), f"trial {trial}: {name} values"
+    assert reads, "the check never ran"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_check_reads_v_and_the_output_gradient_only_where_keys_are_masked(monkeypatch, causal):
+    reads = _spy_reads(monkeypatch)
+    q, k, v, dy = (t.float() for t in _inputs(8))
+    cu = ak.cu_seqlens_from_lengths(LENS)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ak.varlen_attention(*leaves, cu, causal=causal, backend="torch")
+    out.backward(dy)
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert ptr(leaves[0]) in reads and ptr(leaves[1]) in reads
+    assert (ptr(leaves[2]) in reads) == causal and (ptr(dy) in reads) == causal
