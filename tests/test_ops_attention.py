@@ -236,21 +236,66 @@ def test_torch_backend_memory_is_linear_in_length(causal, flash, monkeypatch):
 # ------------------------------------------------------- torch backend: CPU flash kernel per group
 
 def _flash_calls(monkeypatch):
-    """Counts the torch backend's calls of the CPU flash kernel (forward, backward)."""
+    """Counts the torch backend's calls of the CPU flash kernel (forward, backward), and the calls
+    that took ``full_attention``, whose backward is the kernel's own autograd node (C++, not
+    countable here: ``test_full_attention_is_differentiated_by_the_kernels_own_node`` checks it)."""
     from asvit_kernels.torch_backend import attention as tb
-    calls = {"fwd": 0, "bwd": 0}
+    calls = {"fwd": 0, "bwd": 0, "full": 0}
     if tb._FLASH is None:
         pytest.skip("this torch has no aten::_scaled_dot_product_flash_attention_for_cpu")
-    fwd, bwd = tb._FLASH, tb._FLASH_BWD
+    fwd, bwd, full = tb._FLASH, tb._FLASH_BWD, tb.full_attention
 
     def counted(key, fn):
         def call(*a, **kw):
             calls[key] += 1
             return fn(*a, **kw)
         return call
+
+    def full_counted(*a, **kw):
+        out = full(*a, **kw)
+        calls["full"] += out is not None
+        return out
     monkeypatch.setattr(tb, "_FLASH", counted("fwd", fwd))
     monkeypatch.setattr(tb, "_FLASH_BWD", counted("bwd", bwd))
+    monkeypatch.setattr(tb, "full_attention", full_counted)
     return calls
+
+
+def _graph_nodes(t: torch.Tensor) -> set:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.mark.parametrize("lens,causal,full", [
+    ([49] * 6, False, True),          # windows tiling the rows: the stock-autograd path
+    ([197], False, True),             # one image
+    ([49] * 6, True, False),          # causal: the backward must read dout (``_reads``)
+    ([50, 197, 57] * 2, False, False),  # several groups
+])
+def test_full_attention_is_differentiated_by_the_kernels_own_node(lens, causal, full):
+    """Plain full attention over equal lengths that tile the rows runs the CPU flash kernel under
+    PyTorch's own autograd node for it (no Python backward); other calls keep this library's."""
+    from asvit_kernels.torch_backend import attention as tb
+    if tb._FLASH is None:
+        pytest.skip("this torch has no aten::_scaled_dot_product_flash_attention_for_cpu")
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(sum(lens), 3, 2, 16, generator=g, requires_grad=True)
+    cu = ak.cu_seqlens_from_lengths(lens)
+    out = ak.varlen_attention(*qkv.unbind(1), cu, causal=causal, backend="torch")
+    nodes = _graph_nodes(out)
+    assert ("ScaledDotProductFlashAttentionForCpuBackward0" in nodes) == full, nodes
+    assert ("_EagerAttentionBackward" in nodes) == (not full), nodes
+    dy = torch.randn(out.shape, generator=g)
+    out.backward(dy)
+    leaf = qkv.detach().double().requires_grad_()
+    want = reference.varlen_attention(*leaf.unbind(1), cu, causal=causal)
+    want.backward(dy.double())
+    assert rel_err(out, want) <= TOL[torch.float32] and rel_err(qkv.grad, leaf.grad) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("lens_q,lens_k", [
@@ -268,7 +313,7 @@ def test_torch_backend_flash_groups_match_reference(lens_q, lens_k, causal, H_kv
     calls = _flash_calls(monkeypatch)
     for dtype in (torch.float64, torch.float32):
         run("cpu", "torch", dtype, lens_q, lens_k, 3, H_kv, 45, causal, 3)
-    assert calls["fwd"] and calls["bwd"]
+    assert calls["fwd"] and (calls["bwd"] or calls["full"])
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -85,6 +85,15 @@ def _backward_body(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, 
                     _max_len(cu_k, max_k), scale, causal, **extras)
 
 
+@_autocast.off
+def _full_attention(q, k, v, cu_q, cu_k, scale: float) -> Optional[Tensor]:
+    """The torch backend's stock-autograd path for plain full attention (``full_attention``), or
+    None where it does not apply."""
+    from ..torch_backend.attention import full_attention
+    c = _last_dim_contiguous
+    return full_attention(c(q), c(k), c(v), cu_q, cu_k, scale)
+
+
 @torch.library.custom_op("asvit::varlen_attention", mutates_args=())
 def _varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                          scale: float, causal: bool, backend: str, window_left: int = -1, window_right: int = -1,
@@ -358,6 +367,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         from ..torch_backend.attention import varlen_composite
         return varlen_composite(q, k, v, cu_q, cu_k, float(softmax_scale), causal,
                                 **_extras(*window, softcap, alibi, dropout_p, seed))
+    if impl == "torch" and not (causal or used or return_lse) and _transforms.plain_eager():
+        out = _full_attention(q, k, v, cu_q, cu_k, float(softmax_scale))
+        if out is not None:
+            return out
     # meta tensors (shape-only passes) need the custom op's fake implementation
     call = _EagerAttention.apply if _transforms.plain_eager() and q.device.type != "meta" else _varlen_attention_op
     out, lse = call(q, k, v, _int32(cu_q), _int32(cu_k), max_q, max_k, float(softmax_scale), causal,

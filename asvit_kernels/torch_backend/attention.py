@@ -524,6 +524,31 @@ def varlen_forward_checked(q, k, v, cu_q, cu_k, max_q, max_k, scale: float, caus
     return out, lse, clean
 
 
+def full_attention(q, k, v, cu_q, cu_k, scale: float) -> Optional[torch.Tensor]:
+    """Non-causal attention without features whose sequences are all one length and tile the
+    packed rows in order (ViT images, As-ViT windows, a re-tokenization stage): the output of
+    the CPU flash kernel on (n, H, L, D) views, differentiated by PyTorch's own autograd node for
+    it, whose C++ backward replaces this module's Python one (``varlen_backward``) and its per-call
+    cost. Exact for NaN/inf: where every query sees every key only q and k need reading
+    (``_reads``), and the backward reads nothing. None when the call does not qualify (other
+    devices, GQA, several groups or gaps) or q or k is non-finite: then the general path runs."""
+    if not _use_flash(q) or k.shape[1] != q.shape[1]:
+        return None
+    plan = _plan(cu_q, cu_k, False)
+    if len(plan) != 1:
+        return None
+    g = plan[0]
+    n = len(g.q_starts)
+    if g.Lk == 0 or n * g.Lq != q.shape[0] or n * g.Lk != k.shape[0] or g.q_starts[0] or g.k_starts[0] \
+            or (n > 1 and (g.q_step != g.Lq or g.k_step != g.Lk)):
+        return None
+    if not _inputs_finite(q, k, v, sees_all=True):
+        return None
+    qb, kb, vb = (t.unflatten(0, (n, L)).transpose(1, 2) for t, L in ((q, g.Lq), (k, g.Lk), (v, g.Lk)))
+    o, _ = _FLASH(qb, kb, vb, 0.0, False, scale=scale)
+    return o.transpose(1, 2).reshape(q.shape)
+
+
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale: float, causal: bool, *,
                     window=(-1, -1), softcap: float = 0.0, alibi=None, dropout_p: float = 0.0, seed: int = 0,
                     inputs_finite: bool = False):
