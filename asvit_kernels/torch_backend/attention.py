@@ -544,7 +544,8 @@ def full_attention(q, k, v, cu_q, cu_k, scale: float) -> Optional[torch.Tensor]:
         return None
     if not _inputs_finite(q, k, v, sees_all=True):
         return None
-    qb, kb, vb = (t.unflatten(0, (n, L)).transpose(1, 2) for t, L in ((q, g.Lq), (k, g.Lk), (v, g.Lk)))
+    # view + transpose: their backward is a view too (as_strided's would copy through zeros)
+    qb, kb, vb = (t.view(n, L, t.shape[1], t.shape[2]).transpose(1, 2) for t, L in ((q, g.Lq), (k, g.Lk), (v, g.Lk)))
     o, _ = _FLASH(qb, kb, vb, 0.0, False, scale=scale)
     return o.transpose(1, 2).reshape(q.shape)
 
