@@ -9,7 +9,8 @@ Per method and pass (forward under no_grad; forward + backward), per call:
     time_ms       unprofiled, alternating slices (``harness.interleaved_ms``)
     kernel_ms     self time of the flash kernels (forward, backward)
     check_ms      self time of ``aten::sum`` and the scalar read-back (``aten::item``): our
-                  finiteness check of q, k, v (forward) and of the output gradient (backward)
+                  finiteness check: of q and k in the forward of these non-causal workloads (v and
+                  the output gradient are read only under causal or a window)
     other_ops_ms  self time of every other aten op (views, allocations, copies, fills)
     outside_ms    profiled wall time minus all op self times: Python (validation, backend choice,
                   the plan, autograd bookkeeping) plus the profiler's own cost, so larger than the
@@ -104,8 +105,8 @@ def main(argv=None):
              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, 6 heads, CPU sizes of "
              f"bench/attention.py. time_ms: unprofiled, {harness.interleaved_note(args.rounds, args.min_run_time)}; the other "
              f"columns: torch.profiler self CPU time per call over {args.calls} calls (see the script's "
-             f"docstring); check_sums = aten::sum calls per call (ours: q, k, v in the forward, the output "
-             f"gradient in the backward). speedup_vs_sdpa = SDPA time_ms / ours (> 1 is ours faster). CPU timings.")
+             f"docstring); check_sums = aten::sum calls per call (ours: q and k, in the forward; "
+             f"non-causal attention reads neither v nor the output gradient). speedup_vs_sdpa = SDPA time_ms / ours (> 1 is ours faster). CPU timings.")
     cols = ["workload", "shape", "pass", "method", "time_ms", "speedup_vs_sdpa", "kernel_ms", "check_ms",
             "check_sums", "other_ops_ms", "outside_ms", "profiled_ms"]
     name = "attention_profile" + (f"_{args.tag}" if args.tag else "")
