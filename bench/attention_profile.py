@@ -5,7 +5,8 @@ on the same (B, N, H, D) layout, so what ours adds is visible as the other rows.
 
     python bench/attention_profile.py --threads 1     # writes bench/results/attention_profile_cpu1t.{json,md}
 
-Per method and pass (forward under no_grad; forward + backward), per call:
+Per method and pass (forward under no_grad; forward + backward), per call, the profiled calls of
+all methods and passes of a workload taking turns (so load drift hits them alike):
     time_ms       unprofiled, alternating slices (``harness.interleaved_ms``)
     kernel_ms     self time of the flash kernels (forward, backward)
     check_ms      self time of ``aten::sum`` and the scalar read-back (``aten::item``): our
@@ -39,29 +40,37 @@ CHECK = ("aten::sum", "aten::item", "aten::_local_scalar_dense")
 WRAPPERS = ("aten::scaled_dot_product_attention",)
 
 
-def profiled(fn, calls: int) -> dict:
-    """Per-call self times (ms) by category, and the profiled wall time per call."""
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        wall = (time.perf_counter() - start) * 1e3 / calls
-    kernel = check = other = 0.0
-    sums = 0
-    for e in prof.key_averages():
-        if not e.key.startswith("aten::") or e.key in WRAPPERS:
-            continue
-        ms = e.self_cpu_time_total / 1e3 / calls
-        if e.key in KERNELS:
-            kernel += ms
-        elif e.key in CHECK:
-            check += ms
-            sums += e.count if e.key == "aten::sum" else 0
-        else:
-            other += ms
-    return {"kernel_ms": kernel, "check_ms": check, "check_sums": sums / calls, "other_ops_ms": other,
-            "outside_ms": max(0.0, wall - kernel - check - other), "profiled_ms": wall}
+def profiled(fns: dict, calls: int) -> dict:
+    """Per-call self times (ms) by category, and the profiled wall time per call, of each fn of
+    ``fns``: ``calls`` profiled calls each, taking turns (one call per profiler session, order
+    rotating), so the machine's speed drift hits every fn alike, as ``harness.interleaved_ms``."""
+    acc = {key: {"kernel_ms": 0.0, "check_ms": 0.0, "check_sums": 0.0, "other_ops_ms": 0.0, "profiled_ms": 0.0}
+           for key in fns}
+    for fn in fns.values():
+        fn()
+    keys = list(fns)
+    for i in range(calls):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                fns[key]()
+                wall = (time.perf_counter() - start) * 1e3
+            a = acc[key]
+            a["profiled_ms"] += wall / calls
+            for e in prof.key_averages():
+                if not e.key.startswith("aten::") or e.key in WRAPPERS:
+                    continue
+                ms = e.self_cpu_time_total / 1e3 / calls
+                if e.key in KERNELS:
+                    a["kernel_ms"] += ms
+                elif e.key in CHECK:
+                    a["check_ms"] += ms
+                    a["check_sums"] += e.count / calls if e.key == "aten::sum" else 0
+                else:
+                    a["other_ops_ms"] += ms
+    for a in acc.values():
+        a["outside_ms"] = max(0.0, a["profiled_ms"] - a["kernel_ms"] - a["check_ms"] - a["other_ops_ms"])
+    return acc
 
 
 def main(argv=None):
@@ -92,9 +101,10 @@ def main(argv=None):
                 timed[(name, pass_)] = (fn, None)
                 passes[(name, pass_)] = fn
         times = harness.interleaved_ms(timed, args.rounds, args.min_run_time)
-        for (name, pass_), fn in passes.items():
+        profiles = profiled(passes, args.calls)
+        for (name, pass_) in passes:
             rows.append({"workload": key, "shape": w.shape, "pass": pass_.removesuffix("_ms"), "method": name,
-                         "time_ms": times[(name, pass_)], **profiled(fn, args.calls)})
+                         "time_ms": times[(name, pass_)], **profiles[(name, pass_)]})
         for pass_ in ("fwd", "fwdbwd"):
             ours, sdpa = (next(r for r in rows if r["workload"] == key and r["pass"] == pass_ and r["method"] == m)
                           for m in ("varlen_torch", "sdpa_padded"))
@@ -104,8 +114,8 @@ def main(argv=None):
              f"{'/'.join(f'{x:.2f}' for x in load_before)} before, "
              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, 6 heads, CPU sizes of "
              f"bench/attention.py. time_ms: unprofiled, {harness.interleaved_note(args.rounds, args.min_run_time)}; the other "
-             f"columns: torch.profiler self CPU time per call over {args.calls} calls (see the script's "
-             f"docstring); check_sums = aten::sum calls per call (ours: q and k, in the forward; "
+             f"columns: torch.profiler self CPU time per call over {args.calls} calls of each method and pass, "
+             f"taking turns (see the script's docstring); check_sums = aten::sum calls per call (ours: q and k, in the forward; "
              f"non-causal attention reads neither v nor the output gradient). speedup_vs_sdpa = SDPA time_ms / ours (> 1 is ours faster). CPU timings.")
     cols = ["workload", "shape", "pass", "method", "time_ms", "speedup_vs_sdpa", "kernel_ms", "check_ms",
             "check_sums", "other_ops_ms", "outside_ms", "profiled_ms"]
