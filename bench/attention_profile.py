@@ -77,7 +77,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--calls", type=int, default=10, help="profiled calls per method and pass")
-    p.add_argument("--rounds", type=int, default=3, help="unprofiled timing: rounds x --min-run-time s of alternating slices per method")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="unprofiled timing: rounds x --min-run-time s of alternating slices per method")
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--with-d", action="store_true", help="also workload d (2 x 3136 tokens; slow)")
     p.add_argument("--tag", default=None, help="result file name: attention_profile_<tag>_<machine>")
@@ -113,10 +114,12 @@ def main(argv=None):
     notes = (f"Machine load (1/5/15-min averages, {os.cpu_count()} cores) "
              f"{'/'.join(f'{x:.2f}' for x in load_before)} before, "
              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, 6 heads, CPU sizes of "
-             f"bench/attention.py. time_ms: unprofiled, {harness.interleaved_note(args.rounds, args.min_run_time)}; the other "
+             f"bench/attention.py. time_ms: unprofiled, {harness.interleaved_note(args.rounds, args.min_run_time)}; "
+             f"the other "
              f"columns: torch.profiler self CPU time per call over {args.calls} calls of each method and pass, "
-             f"taking turns (see the script's docstring); check_sums = aten::sum calls per call (ours: q and k, in the forward; "
-             f"non-causal attention reads neither v nor the output gradient). speedup_vs_sdpa = SDPA time_ms / ours (> 1 is ours faster). CPU timings.")
+             f"taking turns (see the script's docstring); check_sums = aten::sum calls per call (ours: q and k, "
+             f"in the forward; non-causal attention reads neither v nor the output gradient). speedup_vs_sdpa = "
+             f"SDPA time_ms / ours (> 1 is ours faster). CPU timings.")
     cols = ["workload", "shape", "pass", "method", "time_ms", "speedup_vs_sdpa", "kernel_ms", "check_ms",
             "check_sums", "other_ops_ms", "outside_ms", "profiled_ms"]
     name = "attention_profile" + (f"_{args.tag}" if args.tag else "")

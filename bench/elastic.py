@@ -9,8 +9,8 @@ for wrapped/cyclic ranges).
 
 Each row times its methods side by side (``harness.interleaved_ms``: alternating ~20 ms slices,
 mean of the middle half), so a load change during the run hits every method alike; the machine load
-(``os.getloadavg``) before and after goes into the table header. Prints a table and writes bench/results/elastic_<tag>_<machine>.{json,md}
-(tag: the date by default, so earlier results stay).
+(``os.getloadavg``) before and after goes into the table header. Prints a table and writes
+bench/results/elastic_<tag>_<machine>.{json,md} (tag: the date by default, so earlier results stay).
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def main(argv=None):
     ap.add_argument("--timer", choices=("wall", "thread"), default="wall",
                     help="wall: wall-clock time; thread: this thread's CPU time (one thread; a loaded machine's "
                          "descheduled time is not counted)")
-    ap.add_argument("--rounds", type=int, default=3, help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
+    ap.add_argument("--rounds", type=int, default=3, help="timing: each method gets rounds x --min-run-time s of "
+                    "alternating slices (harness.interleaved_ms)")
     ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"), help="result file tag (default today's date)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -155,7 +156,8 @@ def main(argv=None):
         load = "/".join(f"{v:.1f}" for v in load_before) + " before, " + "/".join(f"{v:.1f}" for v in load_after)
         notes = (f"Machine load (1/5/15-min load average) {load} after, on {os.cpu_count()} cores; timer: "
                  f"{'wall clock' if args.timer == 'wall' else 'thread CPU time'}, "
-                 f"{harness.interleaved_note(args.rounds, args.min_run_time)}. Forward+backward of one sub-network linear layer / "
+                 f"{harness.interleaved_note(args.rounds, args.min_run_time)}. "
+                 f"Forward+backward of one sub-network linear layer / "
                  f"LayerNorm, {info['dtype']}, ms. *_vs_dense / *_vs_copy: elastic time over the baseline's "
                  f"(lower is better; goals: <= 1.05 vs dense on first-k, <= 1.0 vs copy on wrapped).")
         paths = harness.write(f"elastic_{args.tag}", info, rows, cols, notes)

@@ -170,10 +170,10 @@ def _sync() -> None:
 
 def interleaved_note(rounds: int, min_run_time: float, slice_s: float = SLICE_S) -> str:
     """How ``interleaved_ms`` timed a table, for the table's notes."""
-    return (f"ms per call: mean of the middle half of alternating slices of ~{slice_s * 1e3:.0f} ms (or one call when a call "
-            f"is longer), the methods of a row taking turns in rotating order, {rounds * min_run_time:.1f} s and "
-            f"at least {rounds} slices per method, after one warm-up call each; so the machine's speed drift "
-            f"over seconds hits every method of a row alike")
+    return (f"ms per call: mean of the middle half of alternating slices of ~{slice_s * 1e3:.0f} ms (or one "
+            f"call when a call is longer), the methods of a row taking turns in rotating order, "
+            f"{rounds * min_run_time:.1f} s and at least {rounds} slices per method, after one warm-up call "
+            f"each; so the machine's speed drift over seconds hits every method of a row alike")
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:

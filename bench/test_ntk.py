@@ -68,8 +68,8 @@ def test_length_distortion(name, le_case, measure):
 
 def test_methods_of_a_row_are_timed_interleaved(monkeypatch):
     """The methods of a row take turns in short slices (harness.interleaved_ms, here on a fake clock);
-    ms is the mean per call of the middle half of its slices; a method whose timing fails is n/a and takes no further turns while the
-    others go on."""
+    ms is the mean per call of the middle half of its slices; a method whose timing fails is n/a and
+    takes no further turns while the others go on."""
     calls, now = [], [0.0]
     cost = {"a": 0.005, "b": 0.002}   # seconds per call on the fake clock
 

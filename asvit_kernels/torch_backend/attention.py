@@ -6,12 +6,14 @@ evenly spaced (equal windows, a re-tokenization stage, cycling lengths), no (L, 
 Groups the kernel cannot serve exactly take the hand-rolled path: groups holding NaN/inf where the
 kernel would not put them exactly where the reference does (``_reads``: a NaN/inf in q or k can come
 out finite, so the inputs are checked, not the outputs; under causal or a window its tiles multiply
-masked zeros by v and the output gradient too), other devices, long causal cross-attention with len_q < len_k (which needs an
-(Lq, Lk) mask), and flash-attn's softcap, ALiBi and dropout (a window alone is an additive mask for
-the kernel, where it is small and every row sees a key). That path batches each group into
-matmuls in chunks of query rows, so its memory is linear in the length too (``_SCORE_BUDGET``).
+masked zeros by v and the output gradient too), other devices, long causal cross-attention with
+len_q < len_k (which needs an (Lq, Lk) mask), and flash-attn's softcap, ALiBi and dropout (a window
+alone is an additive mask for the kernel, where it is small and every row sees a key). That path
+batches each group into matmuls in chunks of query rows, so its memory is linear in the length too
+(``_SCORE_BUDGET``).
 Forward returns the log-sum-exp for the backward, which recomputes probabilities from it
-(flash-attention's contract)."""
+(flash-attention's contract). Plain full attention over equal lengths that tile the rows needs
+neither: ``full_attention`` leaves its backward to PyTorch's own autograd node for the kernel."""
 from __future__ import annotations
 
 import functools
@@ -545,7 +547,8 @@ def full_attention(q, k, v, cu_q, cu_k, scale: float) -> Optional[torch.Tensor]:
     if not _inputs_finite(q, k, v, sees_all=True):
         return None
     # view + transpose: their backward is a view too (as_strided's would copy through zeros)
-    qb, kb, vb = (t.view(n, L, t.shape[1], t.shape[2]).transpose(1, 2) for t, L in ((q, g.Lq), (k, g.Lk), (v, g.Lk)))
+    qb, kb, vb = (t.view(n, L, t.shape[1], t.shape[2]).transpose(1, 2)
+                  for t, L in ((q, g.Lq), (k, g.Lk), (v, g.Lk)))
     o, _ = _FLASH(qb, kb, vb, 0.0, False, scale=scale)
     return o.transpose(1, 2).reshape(q.shape)
 
