@@ -94,8 +94,8 @@ def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5, failed: 
     middle half of its slices (``middle_mean``). The machine we measure on drifts by up to ~1.5x over
     seconds: with a slice of ~20 ms every fn sees the same drift, where a half-second block each
     (``time_ms`` per method in turn) let one method of a row catch a fast second and another a slow
-    one. A context (a callable returning a
-    context manager, or None) is entered around each of its fn's slices.
+    one. A context (a callable returning a context manager, or None) is entered around each of its
+    fn's slices.
 
     ``clock``: ``time.perf_counter`` (wall) or, for one thread, ``time.thread_time`` (CPU time of this
     thread: time descheduled on a loaded machine is not counted). CUDA is synchronised around slices.
@@ -103,16 +103,22 @@ def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5, failed: 
     ``failed``: a dict to collect ``key: exception`` of fns that raise; such a key takes no further
     slices and is left out of the result, and the others go on. None: exceptions propagate."""
     dropped = failed if failed is not None else {}
-    calls, budget = {}, rounds * min_run_time
-    for key, entry in timed.items():
+
+    def attempt(key, n: int, warm: bool = False):
+        """Seconds per call of a slice of ``n`` calls, or None once the key has failed."""
         try:
-            per_call = _timed_slice(entry, 1, clock, warm=True)
+            return _timed_slice(timed[key], n, clock, warm)
         except Exception as e:  # noqa: BLE001 - recorded for the caller, only when asked
             if failed is None:
                 raise
             failed[key] = e
-            continue
-        calls[key] = max(1, int(slice_s / max(per_call, 1e-9)))
+            return None
+
+    calls, budget = {}, rounds * min_run_time
+    for key in timed:
+        per_call = attempt(key, 1, warm=True)
+        if per_call is not None:
+            calls[key] = max(1, int(slice_s / max(per_call, 1e-9)))
     times = {key: [] for key in calls}
     spent = dict.fromkeys(calls, 0.0)
 
@@ -122,17 +128,10 @@ def interleaved_ms(timed: dict, rounds: int, min_run_time: float = 0.5, failed: 
     keys, turn = list(calls), 0
     while any(pending(k) for k in keys):
         for key in keys[turn % len(keys):] + keys[:turn % len(keys)]:
-            if not pending(key):
-                continue
-            try:
-                per_call = _timed_slice(timed[key], calls[key], clock)
-            except Exception as e:  # noqa: BLE001
-                if failed is None:
-                    raise
-                failed[key] = e
-                continue
-            times[key].append(per_call * 1e3)
-            spent[key] += per_call * calls[key]
+            per_call = attempt(key, calls[key]) if pending(key) else None
+            if per_call is not None:
+                times[key].append(per_call * 1e3)
+                spent[key] += per_call * calls[key]
         turn += 1
     return {key: middle_mean(ts) for key, ts in times.items() if ts and key not in dropped}
 
