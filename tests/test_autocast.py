@@ -73,9 +73,9 @@ def test_mixed_dtypes_outside_autocast_still_refused():
 
 @pytest.mark.parametrize("device,backend,dtype", CPU + GPU)
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_attention_casts_like_sdpa(device, backend, dtype, causal):
+@pytest.mark.parametrize("lens", [[5, 13, 1], [13, 13, 13]], ids=["mixed", "equal"])  # equal: full_attention
+def test_varlen_attention_casts_like_sdpa(device, backend, dtype, causal, lens):
     g = torch.Generator().manual_seed(2)
-    lens = [5, 13, 1]
     cu = ak.cu_seqlens_from_lengths(lens).to(device)
     q, k, v = (torch.randn(sum(lens), 4, 16, generator=g).to(device).requires_grad_() for _ in range(3))
     with torch.autocast(device, dtype):
