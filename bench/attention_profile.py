@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -40,37 +38,21 @@ CHECK = ("aten::sum", "aten::item", "aten::_local_scalar_dense")
 WRAPPERS = ("aten::scaled_dot_product_attention",)
 
 
+def _category(key: str):
+    if not key.startswith("aten::") or key in WRAPPERS:
+        return None
+    return "kernel_ms" if key in KERNELS else "check_ms" if key in CHECK else "other_ops_ms"
+
+
 def profiled(fns: dict, calls: int) -> dict:
     """Per-call self times (ms) by category, and the profiled wall time per call, of each fn of
-    ``fns``: ``calls`` profiled calls each, taking turns (one call per profiler session, order
-    rotating), so the machine's speed drift hits every fn alike, as ``harness.interleaved_ms``."""
-    acc = {key: {"kernel_ms": 0.0, "check_ms": 0.0, "check_sums": 0.0, "other_ops_ms": 0.0, "profiled_ms": 0.0}
-           for key in fns}
-    for fn in fns.values():
-        fn()
-    keys = list(fns)
-    for i in range(calls):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                start = time.perf_counter()
-                fns[key]()
-                wall = (time.perf_counter() - start) * 1e3
-            a = acc[key]
-            a["profiled_ms"] += wall / calls
-            for e in prof.key_averages():
-                if not e.key.startswith("aten::") or e.key in WRAPPERS:
-                    continue
-                ms = e.self_cpu_time_total / 1e3 / calls
-                if e.key in KERNELS:
-                    a["kernel_ms"] += ms
-                elif e.key in CHECK:
-                    a["check_ms"] += ms
-                    a["check_sums"] += e.count / calls if e.key == "aten::sum" else 0
-                else:
-                    a["other_ops_ms"] += ms
-    for a in acc.values():
-        a["outside_ms"] = max(0.0, a["profiled_ms"] - a["kernel_ms"] - a["check_ms"] - a["other_ops_ms"])
-    return acc
+    ``fns``: ``calls`` profiled calls each, taking turns (``harness.interleaved_profile``)."""
+    out = {}
+    for key, p in harness.interleaved_profile(fns, calls, _category).items():
+        row = {c: p["ms"].get(c, 0.0) for c in ("kernel_ms", "check_ms", "other_ops_ms")}
+        out[key] = {**row, "check_sums": p["counts"].get("aten::sum", 0.0), "profiled_ms": p["profiled_ms"],
+                    "outside_ms": p["outside_ms"]}
+    return out
 
 
 def main(argv=None):

@@ -1,7 +1,9 @@
 """Sub-network forward+backward through ``elastic_linear`` / ``elastic_layer_norm`` against (a) a
 dense standalone ``nn.Linear`` / ``nn.LayerNorm`` of the sub-network's shape and (b) copy-slicing
 the shared parameters (what OFA and ViTAS do: ``weight[:o, :i].contiguous()``, or an index gather
-for wrapped/cyclic ranges).
+for wrapped/cyclic ranges), and (c) a floor: the dense layer plus the full-size parameter
+gradients that autograd needs from any op on the shared parameters (``with_full_size_grads``).
+Where a first-k row misses dense, ``bench/elastic_profile.py`` shows where the time goes.
 
     python bench/elastic.py                    # CPU, torch backend
     python bench/elastic.py --threads 1 --timer thread   # one thread, thread CPU time (loaded machine)
@@ -38,9 +40,25 @@ def fwd_bwd(f, params, x, dy):
     return step
 
 
+def with_full_size_grads(step, shared):
+    """``step`` (the dense layer's) plus a zero-filled buffer of each shared parameter's full shape,
+    held until the next call as a ``.grad`` is: what autograd's full-size gradients cost on top of
+    the dense layer. Any op that takes the shared parameters pays this (autograd hands a parameter
+    a gradient of its own size, ``.grad = None`` each step frees it, and this machine pays page faults
+    on every fresh large buffer); a fused op would write the block straight into that buffer and skip
+    dense's own block gradient, so this floor is an upper estimate of the least such an op pays."""
+    held = []
+
+    def floor():
+        held.clear()
+        held.extend(torch.zeros_like(p) for p in shared)
+        step()
+    return floor
+
+
 def timed_rows(row: dict, methods: dict, clock, min_run_time: float, rounds: int, backend_list) -> dict:
-    """Each method's ms, timed side by side (``harness.interleaved_ms``); ratios against dense and
-    copy-slicing."""
+    """Each method's ms, timed side by side (``harness.interleaved_ms``); ratios against dense,
+    copy-slicing and the full-size-gradient floor."""
     times = harness.interleaved_ms({k: (fn, None) for k, fn in methods.items()}, rounds, min_run_time, clock=clock)
     for k, ms in times.items():
         row[f"{k}_ms"] = ms
@@ -48,6 +66,7 @@ def timed_rows(row: dict, methods: dict, clock, min_run_time: float, rounds: int
         t = row[f"elastic_{be}_ms"]
         row[f"{be}_vs_dense"] = t / row["dense_ms"]
         row[f"{be}_vs_copy"] = t / row["copy_slice_ms"]
+        row[f"{be}_vs_floor"] = t / row["dense_full_grads_ms"]
     return row
 
 
@@ -55,7 +74,8 @@ def kind(offsets_zero: bool, wraps: bool) -> str:
     return "wrapped" if wraps else ("first-k" if offsets_zero else "offset")
 
 
-def linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, clock, min_run_time, rounds):
+def linear_methods(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list) -> tuple[dict, dict]:
+    """(row, methods): the row's description and a forward+backward step per method."""
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(C_out, C_in, generator=g).to(device, dtype).requires_grad_()
     b = torch.randn(C_out, generator=g).to(device, dtype).requires_grad_()
@@ -71,16 +91,19 @@ def linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, c
     else:
         copy_slice = lambda x: F.linear(  # noqa: E731
             x, w[out_r[0]:out_r[0] + o_w, in_r[0]:in_r[0] + i_w].contiguous(), b[out_r[0]:out_r[0] + o_w])
-    methods = {"dense": fwd_bwd(dense, list(dense.parameters()), x, dy), "copy_slice": fwd_bwd(copy_slice, [w, b], x, dy)}
+    dense_step = fwd_bwd(dense, list(dense.parameters()), x, dy)
+    methods = {"dense": dense_step, "dense_full_grads": with_full_size_grads(dense_step, [w, b]),
+               "copy_slice": fwd_bwd(copy_slice, [w, b], x, dy)}
     for be in backend_list:
         f = lambda x, be=be: ak.elastic_linear(x, w, b, in_r, out_r, backend=be)  # noqa: E731
         methods[f"elastic_{be}"] = fwd_bwd(f, [w, b], x, dy)
     row = {"op": "linear", "tokens": tokens, "full": f"{C_out}x{C_in}", "sub": f"{o_w}x{i_w}",
            "ranges": kind(in_r[0] == out_r[0] == 0, wraps)}
-    return timed_rows(row, methods, clock, min_run_time, rounds, backend_list)
+    return row, methods
 
 
-def layer_norm_case(device, dtype, tokens, C, r, backend_list, clock, min_run_time, rounds):
+def layer_norm_methods(device, dtype, tokens, C, r, backend_list) -> tuple[dict, dict]:
+    """(row, methods), as ``linear_methods``."""
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
     b = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
@@ -89,13 +112,37 @@ def layer_norm_case(device, dtype, tokens, C, r, backend_list, clock, min_run_ti
     dense = torch.nn.LayerNorm(r[1], device=device, dtype=dtype)
     idx = ak.channel_indices(r, C, device)
     copy_slice = lambda x: F.layer_norm(x, (r[1],), w[idx], b[idx])  # noqa: E731
-    methods = {"dense": fwd_bwd(dense, list(dense.parameters()), x, dy), "copy_slice": fwd_bwd(copy_slice, [w, b], x, dy)}
+    dense_step = fwd_bwd(dense, list(dense.parameters()), x, dy)
+    methods = {"dense": dense_step, "dense_full_grads": with_full_size_grads(dense_step, [w, b]),
+               "copy_slice": fwd_bwd(copy_slice, [w, b], x, dy)}
     for be in backend_list:
         f = lambda x, be=be: ak.elastic_layer_norm(x, w, b, r, backend=be)  # noqa: E731
         methods[f"elastic_{be}"] = fwd_bwd(f, [w, b], x, dy)
     row = {"op": "layer_norm", "tokens": tokens, "full": f"{C}", "sub": f"{r[1]}",
            "ranges": kind(r[0] == 0, r[0] + r[1] > C)}
-    return timed_rows(row, methods, clock, min_run_time, rounds, backend_list)
+    return row, methods
+
+
+def cases(dim: int) -> list[tuple]:
+    """Every row of the table, in order: ("linear", in_range, out_range) or ("layer_norm", range),
+    at 1/2, 3/4 and full width; first-k and, below full width, a range wrapping in both dims."""
+    C_in, C_out = dim, 4 * dim
+    out = []
+    for frac in (0.5, 0.75, 1.0):
+        i_w, o_w = round(C_in * frac), round(C_out * frac)
+        out.append(("linear", (0, i_w), (0, o_w)))
+        if frac < 1.0:  # cyclic sharing: a range that wraps past the end in both dims
+            out.append(("linear", (C_in - i_w // 2, i_w), (C_out - o_w // 3, o_w)))
+        out.append(("layer_norm", (0, i_w)))
+        if frac < 1.0:
+            out.append(("layer_norm", (C_in - i_w // 2, i_w)))
+    return out
+
+
+def methods_for(case: tuple, device, dtype, tokens: int, dim: int, backend_list) -> tuple[dict, dict]:
+    if case[0] == "linear":
+        return linear_methods(device, dtype, tokens, dim, 4 * dim, case[1], case[2], backend_list)
+    return layer_norm_methods(device, dtype, tokens, dim, case[1], backend_list)
 
 
 def main(argv=None):
@@ -130,22 +177,11 @@ def main(argv=None):
         backend_list = [b for b in backends.available("elastic_linear", torch.device(device), dtype)
                         if not (b == "triton" and device == "cpu")]
     load_before = os.getloadavg()
-    C_in, C_out = args.dim, 4 * args.dim
     rows = []
-    for frac in (0.5, 0.75, 1.0):
-        i_w, o_w = round(C_in * frac), round(C_out * frac)
-        cases = [((0, i_w), (0, o_w))]
-        if frac < 1.0:  # cyclic sharing: a range that wraps past the end in both dims
-            cases.append(((C_in - i_w // 2, i_w), (C_out - o_w // 3, o_w)))
-        for in_r, out_r in cases:
-            rows.append(linear_case(device, dtype, tokens, C_in, C_out, in_r, out_r, backend_list, clock,
-                                    args.min_run_time, args.rounds))
-            print(harness.table(rows[-1:], list(rows[-1])), flush=True)
-        ln_cases = [(0, i_w)] + ([(C_in - i_w // 2, i_w)] if frac < 1.0 else [])
-        for r in ln_cases:
-            rows.append(layer_norm_case(device, dtype, tokens, C_in, r, backend_list, clock, args.min_run_time,
-                                        args.rounds))
-            print(harness.table(rows[-1:], list(rows[-1])), flush=True)
+    for case in cases(args.dim):
+        row, methods = methods_for(case, device, dtype, tokens, args.dim, backend_list)
+        rows.append(timed_rows(row, methods, clock, args.min_run_time, args.rounds, backend_list))
+        print(harness.table(rows[-1:], list(rows[-1])), flush=True)
     load_after = os.getloadavg()
     info = harness.machine(device)
     info["dtype"] = str(dtype).replace("torch.", "")
@@ -159,7 +195,10 @@ def main(argv=None):
                  f"{harness.interleaved_note(args.rounds, args.min_run_time)}. "
                  f"Forward+backward of one sub-network linear layer / "
                  f"LayerNorm, {info['dtype']}, ms. *_vs_dense / *_vs_copy: elastic time over the baseline's "
-                 f"(lower is better; goals: <= 1.05 vs dense on first-k, <= 1.0 vs copy on wrapped).")
+                 f"(lower is better; goals: <= 1.05 vs dense on first-k, <= 1.0 vs copy on wrapped). "
+                 f"dense_full_grads: dense plus a zero-filled buffer of each shared parameter's full shape, "
+                 f"held as a .grad is (the full-size gradients any op on the shared parameters hands "
+                 f"autograd; an upper estimate of the floor); *_vs_floor: elastic time over it.")
         paths = harness.write(f"elastic_{args.tag}", info, rows, cols, notes)
         print("wrote", *paths)
 

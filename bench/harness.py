@@ -175,6 +175,42 @@ def interleaved_note(rounds: int, min_run_time: float, slice_s: float = SLICE_S)
             f"each; so the machine's speed drift over seconds hits every method of a row alike")
 
 
+def interleaved_profile(fns: dict, calls: int, classify: Callable[[str], str | None]) -> dict:
+    """Per-call self CPU times (ms) by category, op counts and profiled wall time of each fn of
+    ``fns``, from ``torch.profiler``: ``calls`` profiled calls each, taking turns (one call per
+    profiler session, the order rotating), so the machine's speed drift hits every fn alike, as in
+    ``interleaved_ms``. Profiling the fns in blocks let two calls of the same aten kernel read up
+    to ~30% apart on this machine (bench/results/attention_profile_2026-12-01-night_*).
+
+    ``classify(event_key)`` names the category an event's self time goes to, or None to leave it
+    out (wrappers whose work is their children's, non-op events such as autograd nodes). Returns
+    ``{key: {"ms": {category: ms}, "counts": {event_key: calls per fn call}, "profiled_ms": ...,
+    "outside_ms": ...}}``; ``counts`` covers every event, classified or not, and ``outside_ms`` is
+    the profiled wall time minus the classified self times (Python, and the profiler's own cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acc = {key: {"ms": {}, "counts": {}, "profiled_ms": 0.0} for key in fns}
+    for fn in fns.values():
+        fn()
+    keys = list(fns)
+    for i in range(calls):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                fns[key]()
+                wall = (time.perf_counter() - start) * 1e3
+            a = acc[key]
+            a["profiled_ms"] += wall / calls
+            for e in prof.key_averages():
+                a["counts"][e.key] = a["counts"].get(e.key, 0.0) + e.count / calls
+                category = classify(e.key)
+                if category is not None:
+                    a["ms"][category] = a["ms"].get(category, 0.0) + e.self_cpu_time_total / 1e3 / calls
+    for a in acc.values():
+        a["outside_ms"] = max(0.0, a["profiled_ms"] - sum(a["ms"].values()))
+    return acc
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
     """MiB that one ``fn()`` call adds, at its peak, over what was live just before it.
 

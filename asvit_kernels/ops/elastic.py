@@ -241,7 +241,9 @@ class _RunLinear(torch.autograd.Function):
 # matmul: the block's zero-and-copy traffic then outweighs its Python cost. ElasticViT middle fc1
 # (400 x 96 -> 360 of a 720 x 192 weight, 1 thread, thread CPU time, interleaved): views 644 us,
 # strided view 625, _RunLinear 647; a (1576 x 288 -> 1152 of 1536 x 384) block: 21.8 vs 21.2 ms.
-_COMPOSITE_MAX_BLOCK = 2 ** 17
+# bench/elastic.py's half-width block (1576 x 192 -> 768, 147k entries), time over dense, mean of 8
+# interleaved runs each: 2 threads, view 1.072 vs _RunLinear 1.103; 1 thread 1.083 vs 1.088.
+_COMPOSITE_MAX_BLOCK = 2 ** 18
 
 
 def _viewable(weight: Tensor, bias: Optional[Tensor]) -> bool:
