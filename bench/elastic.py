@@ -43,10 +43,10 @@ def fwd_bwd(f, params, x, dy):
 def with_full_size_grads(step, shared):
     """``step`` (the dense layer's) plus a zero-filled buffer of each shared parameter's full shape,
     held until the next call as a ``.grad`` is: what autograd's full-size gradients cost on top of
-    the dense layer. Any op that takes the shared parameters pays this (autograd hands a parameter
-    a gradient of its own size, ``.grad = None`` each step frees it, and this machine pays page faults
-    on every fresh large buffer); a fused op would write the block straight into that buffer and skip
-    dense's own block gradient, so this floor is an upper estimate of the least such an op pays."""
+    the dense layer. Any op that takes the shared parameters pays this: autograd hands a parameter
+    a gradient of its own size, and with ``.grad = None`` each step that is a fresh full-size buffer
+    every step. A fused op would write the block straight into that buffer and skip dense's own
+    block gradient, so this floor is an upper estimate of the least such an op pays."""
     held = []
 
     def floor():
@@ -140,6 +140,7 @@ def cases(dim: int) -> list[tuple]:
 
 
 def methods_for(case: tuple, device, dtype, tokens: int, dim: int, backend_list) -> tuple[dict, dict]:
+    """(row, methods) of one of ``cases(dim)``."""
     if case[0] == "linear":
         return linear_methods(device, dtype, tokens, dim, 4 * dim, case[1], case[2], backend_list)
     return layer_norm_methods(device, dtype, tokens, dim, case[1], backend_list)
