@@ -268,9 +268,7 @@ def main(argv=None):
     ap.add_argument("--workloads", default="a,b,c,d,e", help="comma list of workload keys")
     ap.add_argument("--backends", default=None,
                     help="varlen_attention backends, comma list (default: what runs here, interpreter excluded)")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
+    harness.add_timing_args(ap)
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--useful-work", action="store_true",
                     help="print only the Triton tiles' useful-work fractions (packed, per-sequence, chosen)")
@@ -324,7 +322,8 @@ def main(argv=None):
     if not args.no_write:
         notes = (f"{info['dtype']}, {args.heads} heads, non-causal self-attention, batch counts x{scale:g} "
                  f"(a 256x197, b 256 cycling 50/197/257, c 1024x49, d 32x3136, e = a with head dim 45). "
-                 f"{harness.interleaved_note(args.rounds, args.min_run_time)}. TFLOP/s counts useful work only: forward 4*sum(len_b^2)*H*D (QK^T and PV); "
+                 f"{harness.interleaved_note(args.rounds, args.min_run_time)}. TFLOP/s counts useful work only: "
+                 f"forward 4*sum(len_b^2)*H*D (QK^T and PV); "
                  f"forward+backward {FWD_BWD_FLOP_FACTOR}x that (backward = 2.5x forward, flash-attn convention); "
                  f"padded methods get no credit for padding. triton_useful_smXX: useful score entries / entries "
                  f"the Triton kernels' tiles compute (fwd + dq + dk/dv), with the tiles the launcher picks for "

@@ -59,9 +59,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--calls", type=int, default=10, help="profiled calls per method and pass")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="unprofiled timing: rounds x --min-run-time s of alternating slices per method")
-    p.add_argument("--min-run-time", type=float, default=0.5)
+    harness.add_timing_args(p, what="unprofiled timing")
     p.add_argument("--with-d", action="store_true", help="also workload d (2 x 3136 tokens; slow)")
     p.add_argument("--tag", default=None, help="result file name: attention_profile_<tag>_<machine>")
     args = p.parse_args(argv)
@@ -93,9 +91,7 @@ def main(argv=None):
                           for m in ("varlen_torch", "sdpa_padded"))
             ours["speedup_vs_sdpa"] = sdpa["time_ms"] / ours["time_ms"]
     info = harness.machine("cpu")
-    notes = (f"Machine load (1/5/15-min averages, {os.cpu_count()} cores) "
-             f"{'/'.join(f'{x:.2f}' for x in load_before)} before, "
-             f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, 6 heads, CPU sizes of "
+    notes = (f"{harness.load_note(load_before)}. float32, 6 heads, CPU sizes of "
              f"bench/attention.py. time_ms: unprofiled, {harness.interleaved_note(args.rounds, args.min_run_time)}; "
              f"the other "
              f"columns: torch.profiler self CPU time per call over {args.calls} calls of each method and pass, "

@@ -153,13 +153,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=None, help="rows per call (default 8x197 CPU, 64x197 GPU)")
     ap.add_argument("--dim", type=int, default=384, help="supernet embed dim; the layer is (4*dim, dim)")
     ap.add_argument("--backends", default=None, help="comma list (default: what runs here, interpreter excluded)")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--timer", choices=("wall", "thread"), default="wall",
                     help="wall: wall-clock time; thread: this thread's CPU time (one thread; a loaded machine's "
                          "descheduled time is not counted)")
-    ap.add_argument("--rounds", type=int, default=3, help="timing: each method gets rounds x --min-run-time s of "
-                    "alternating slices (harness.interleaved_ms)")
+    harness.add_timing_args(ap)
     ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"), help="result file tag (default today's date)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)

@@ -57,16 +57,15 @@ def category(key: str):
 
 def is_node(key: str) -> bool:
     """An autograd node's own event (not the engine's ``evaluate_function`` wrapper around it)."""
-    return not key.startswith("autograd::") and (key.endswith(("Backward", "Backward0", "Backward1", "AccumulateGrad")))
+    return not key.startswith("autograd::") and key.endswith(("Backward", "Backward0", "Backward1",
+                                                               "AccumulateGrad"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--calls", type=int, default=30, help="profiled calls per method")
-    p.add_argument("--rounds", type=int, default=6,
-                   help="unprofiled timing: rounds x --min-run-time s of alternating slices per method")
-    p.add_argument("--min-run-time", type=float, default=0.5)
+    harness.add_timing_args(p, rounds=6, what="unprofiled timing")
     p.add_argument("--dim", type=int, default=384, help="supernet embed dim, as bench/elastic.py's")
     p.add_argument("--tokens", type=int, default=8 * 197, help="rows per call, as bench/elastic.py's CPU default")
     p.add_argument("--tag", default=None, help="result file name: elastic_profile_<tag>_<machine>")
@@ -91,9 +90,7 @@ def main(argv=None):
                          "nodes": sum(n for k, n in prof["counts"].items() if is_node(k))})
         print(harness.table(rows[-3:], list(rows[-1])), flush=True)
     info = harness.machine("cpu")
-    notes = (f"Machine load (1/5/15-min averages, {os.cpu_count()} cores) "
-             f"{'/'.join(f'{x:.2f}' for x in load_before)} before, "
-             f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} after. float32, the first-k rows of "
+    notes = (f"{harness.load_note(load_before)}. float32, the first-k rows of "
              f"bench/elastic.py below full width. time_ms: unprofiled, wall clock, "
              f"{harness.interleaved_note(args.rounds, args.min_run_time)}; vs_dense = time_ms over dense's; "
              f"dense_full_grads = dense plus zero-filled full-size buffers of the shared parameters (see "

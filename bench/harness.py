@@ -167,12 +167,31 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def add_timing_args(ap, rounds: int = 3, what: str = "timing") -> None:
+    """``--min-run-time`` and ``--rounds``, the budget of ``interleaved_ms``, as the table scripts
+    take them (``what``: whose timing the rounds are, for the help text)."""
+    ap.add_argument("--min-run-time", type=float, default=0.5,
+                    help="seconds of timing per method and round (see --rounds)")
+    ap.add_argument("--rounds", type=int, default=rounds,
+                    help=f"{what}: each method gets rounds x --min-run-time s of alternating slices "
+                         f"(harness.interleaved_ms)")
+
+
 def interleaved_note(rounds: int, min_run_time: float, slice_s: float = SLICE_S) -> str:
     """How ``interleaved_ms`` timed a table, for the table's notes."""
     return (f"ms per call: mean of the middle half of alternating slices of ~{slice_s * 1e3:.0f} ms (or one "
             f"call when a call is longer), the methods of a row taking turns in rotating order, "
             f"{rounds * min_run_time:.1f} s and at least {rounds} slices per method, after one warm-up call "
             f"each; so the machine's speed drift over seconds hits every method of a row alike")
+
+
+def load_note(before) -> str:
+    """The machine load at the start of a run (``before``: ``os.getloadavg()`` then) and now, for a
+    table's notes."""
+    def fmt(avgs):
+        return "/".join(f"{x:.2f}" for x in avgs)
+    return (f"Machine load (1/5/15-min averages, {os.cpu_count()} cores) {fmt(before)} before, "
+            f"{fmt(os.getloadavg())} after")
 
 
 def interleaved_profile(fns: dict, calls: int, classify: Callable[[str], str | None]) -> dict:

@@ -337,9 +337,7 @@ def main(argv=None):
     ap.add_argument("--sharing", default="first,cyclic", help="comma list of first, last, cyclic")
     ap.add_argument("--private-qk", action="store_true", help="ViTAS private q/k projections per heads choice")
     ap.add_argument("--backend", default=None, help="backend of the fused ops for ours and dense (default: auto)")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
+    harness.add_timing_args(ap)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
 

@@ -367,9 +367,7 @@ def main(argv=None):
     ap.add_argument("--vit-depth", type=int, default=None, help="vit-s depth (default 12, --small 4)")
     ap.add_argument("--vit-img", type=int, default=None, help="vit-s input side (default 224, --small 96)")
     ap.add_argument("--cases", default="proxy,vit-s,le", help="comma list of proxy, vit-s, le")
-    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method and round (see --rounds)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timing: each method gets rounds x --min-run-time s of alternating slices (harness.interleaved_ms)")
+    harness.add_timing_args(ap)
     ap.add_argument("--methods", default="ours,loop,vmap_jacrev",
                     help="comma list of the methods to run (L^E has ours and loop); without loop there is "
                          "no reference to check against nor speedup_vs_loop")
